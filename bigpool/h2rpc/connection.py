@@ -1,0 +1,467 @@
+"""The asyncio side of an HTTP/2 connection: a thin layer that feeds ``h2`` and moves bytes.
+
+``h2.connection.H2Connection`` is the protocol state machine (it does no I/O). This module
+gives it a transport: received bytes go in, events come out and are routed to per-stream
+buffers, and what h2 wants to send is written out once per batch of events. Two rules keep
+memory bounded and links full:
+
+* **Ack on read.** Received DATA is handed back to the peer's flow-control window only when
+  the consumer reads it (:meth:`InboundStream.read_chunk`), so a slow reader slows the sender
+  instead of piling up bytes.
+* **Wait for window.** :meth:`H2Connection.send_data` cuts a body into frames no larger than
+  the peer allows and waits for WINDOW_UPDATE (and for the transport to drain) when it must.
+
+The client and server protocols subclass :class:`H2Connection` and add what happens on a new
+request or response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from .errors import ConnectionLostError, ProtocolError, StreamBrokenError
+from .wire import Headers
+
+# One stream may have this much unread data in flight: enough for one stream to fill a fast
+# link (bandwidth x RTT on loopback or a LAN), small enough that a stalled reader holds little.
+STREAM_WINDOW = 16 * 1024 * 1024
+# All streams of a connection together: several full-speed streams at once.
+CONNECTION_WINDOW = 64 * 1024 * 1024
+# Larger frames mean fewer h2 events per byte; 1 MiB keeps per-frame buffering small.
+MAX_FRAME_SIZE = 1024 * 1024
+# Header blocks beyond this are refused: a bound on what a peer can make us decode and hold.
+MAX_HEADER_LIST_SIZE = 64 * 1024
+# Frames at least this big are written out at once rather than batched with others.
+EAGER_FLUSH_BYTES = 64 * 1024
+
+
+def h2_config(client_side: bool) -> h2.config.H2Configuration:
+    return h2.config.H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=True,
+        normalize_inbound_headers=False,
+    )
+
+
+class InboundStream:
+    """The receiving half of one HTTP/2 stream: its headers, body chunks and trailers.
+
+    Body chunks queue here as they arrive; :meth:`read_chunk` hands them out and returns their
+    flow-control credit to the peer. A stream that is reset, or whose connection is lost, makes
+    readers raise the error it failed with.
+    """
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_waiter",
+        "conn",
+        "ended",
+        "error",
+        "headers",
+        "id",
+        "local_closed",
+        "trailers",
+    )
+
+    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.headers: Headers | None = None
+        self.trailers: Headers | None = None
+        self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._buffered = 0
+        self.ended = False
+        self.local_closed = False
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def feed(self, data: bytes, flow_controlled_length: int) -> None:
+        if self.error is not None:
+            self.conn.ack(self.id, flow_controlled_length)
+            return
+        self._chunks.append((data, flow_controlled_length))
+        self._buffered += flow_controlled_length
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None and not (self.ended and not self._chunks):
+            self.error = exc
+        self._wake()
+
+    @property
+    def finished(self) -> bool:
+        """True once nothing more can arrive: ended, reset or disconnected."""
+        return self.ended or self.error is not None
+
+    async def wait(self) -> None:
+        """Wait until something new happens on the stream (headers, data, end, failure)."""
+        if self._waiter is None:
+            self._waiter = self.conn.loop.create_future()
+        await self._waiter
+
+    async def wait_headers(self) -> Headers:
+        while self.headers is None:
+            if self.error is not None:
+                raise self.error
+            await self.wait()
+        return self.headers
+
+    async def read_chunk(self) -> bytes:
+        """The next chunk of the body, or ``b""`` once the body has ended.
+
+        Raises the stream's error if it failed before its end.
+        """
+        while True:
+            if self._chunks:
+                data, length = self._chunks.popleft()
+                self._buffered -= length
+                self.conn.ack(self.id, length)
+                if data:
+                    return data
+                continue
+            if self.error is not None:
+                raise self.error
+            if self.ended:
+                return b""
+            await self.wait()
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body; :class:`ProtocolError` if it exceeds ``limit`` bytes."""
+        parts = []
+        size = 0
+        while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"message body exceeds the limit of {limit} bytes")
+            parts.append(chunk)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def discard(self) -> None:
+        """Drop unread data, returning its flow-control credit so other streams can use it."""
+        while self._chunks:
+            _, length = self._chunks.popleft()
+            self.conn.ack(self.id, length)
+        self._buffered = 0
+
+
+class H2Connection(asyncio.Protocol):
+    """An HTTP/2 connection over an asyncio transport; subclasses handle stream events."""
+
+    def __init__(self, *, client_side: bool, max_concurrent_streams: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.h2 = h2.connection.H2Connection(h2_config(client_side))
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, InboundStream] = {}
+        self.closed: BaseException | None = None
+        self._max_concurrent_streams = max_concurrent_streams
+        self._flush_handle: asyncio.Handle | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._window_waiters: dict[int, asyncio.Future[None]] = {}
+        self.closed_event = asyncio.Event()
+        self.peer: Any = None
+
+    # asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        self.h2.local_settings = h2.settings.Settings(
+            client=self.h2.config.client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # Settings given as initial values are in force at once (not on the peer's ACK), so
+        # what follows from them must be set by hand too.
+        self.h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.flush()  # h2 has queued a GOAWAY naming the error
+            self.abort(ProtocolError(f"peer broke HTTP/2: {exc}"))
+            return
+        for event in events:
+            self.handle_event(event)
+        self.flush()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed is None:
+            reason = f"connection to {self.peer_name} lost" + (f": {exc}" if exc else "")
+            self.closed = ConnectionLostError(reason)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for stream in list(self.streams.values()):
+            stream.fail(self.closed)
+        for waiter in [*self._drain_waiters, *self._window_waiters.values()]:
+            if not waiter.done():
+                waiter.set_exception(self.closed)
+                waiter.exception()  # retrieved: a sender may already be gone
+        self._drain_waiters.clear()
+        self._window_waiters.clear()
+        self.closed_event.set()
+        self.on_closed()
+
+    # events --------------------------------------------------------------------------------
+
+    def handle_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                stream.feed(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._window_opened(event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.end()
+                self._maybe_forget(stream)
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.trailers = list(event.headers)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.pop(event.stream_id, None)
+            self._window_opened(event.stream_id)
+            if stream is not None:
+                self.stream_reset(stream, event.error_code)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._window_opened(0)
+            self.settings_changed()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.connection_terminated(event)
+
+    def stream_reset(self, stream: InboundStream, error_code: int | None) -> None:
+        stream.fail(StreamBrokenError(f"stream reset by peer ({_error_name(error_code)})"))
+        self.stream_closed(stream)
+
+    def connection_terminated(self, event: h2.events.ConnectionTerminated) -> None:
+        self.closed = ConnectionLostError(
+            f"{self.peer_name} closed the connection ({_error_name(event.error_code)})"
+        )
+        if self.transport is not None:
+            self.transport.close()
+
+    def settings_changed(self) -> None:
+        """Hook: the peer changed its settings (a client may now open more streams)."""
+
+    def stream_closed(self, stream: InboundStream) -> None:
+        """Hook: ``stream`` is closed in both directions and forgotten."""
+
+    def on_closed(self) -> None:
+        """Hook: the connection is gone."""
+
+    # sending ------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write out everything h2 has queued."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def schedule_flush(self) -> None:
+        """Write out what h2 has queued after the current batch of work (one write, not many)."""
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self.flush)
+
+    def ack(self, stream_id: int, length: int) -> None:
+        """Return ``length`` bytes of flow-control credit for data the consumer has read."""
+        if length and self.closed is None:
+            self.h2.acknowledge_received_data(length, stream_id)
+            self.schedule_flush()
+
+    def send_headers(self, stream_id: int, headers: Headers, *, end_stream: bool = False) -> None:
+        self._check_open()
+        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        if end_stream:
+            self._local_end(stream_id)
+        self.schedule_flush()
+
+    async def send_data(
+        self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool
+    ) -> None:
+        """Send a body (or part of one), waiting for flow-control window as needed."""
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        while True:
+            self._check_open()
+            if self._write_paused:
+                await self._drain()
+                continue
+            try:
+                window = self.h2.local_flow_control_window(stream_id)
+            except h2.exceptions.StreamClosedError:
+                raise StreamBrokenError(f"stream {stream_id} was closed by the peer") from None
+            size = min(window, self.h2.max_outbound_frame_size, total - sent)
+            if size <= 0 and sent < total:
+                await self._wait_window(stream_id)
+                continue
+            last = end_stream and sent + size == total
+            try:
+                self.h2.send_data(stream_id, view[sent : sent + size], end_stream=last)
+            except h2.exceptions.StreamClosedError:
+                raise StreamBrokenError(f"stream {stream_id} was closed by the peer") from None
+            sent += size
+            if size >= EAGER_FLUSH_BYTES:
+                self.flush()
+            else:
+                self.schedule_flush()
+            if sent >= total:
+                break
+        if end_stream:
+            self._local_end(stream_id)
+
+    def end_stream(self, stream_id: int, trailers: Headers | None = None) -> None:
+        """Close our half of the stream, with trailers if given."""
+        self._check_open()
+        try:
+            if trailers:
+                self.h2.send_headers(stream_id, trailers, end_stream=True)
+            else:
+                self.h2.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            raise StreamBrokenError(f"stream {stream_id} was closed by the peer") from None
+        self._local_end(stream_id)
+        self.schedule_flush()
+
+    def reset_stream(self, stream_id: int, error_code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        """Abandon a stream: tell the peer, drop its unread data. Safe to call more than once."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream.fail(StreamBrokenError(f"stream {stream_id} was reset"))
+            stream.discard()
+            self.stream_closed(stream)
+        if self.closed is None:
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self.h2.reset_stream(stream_id, error_code)
+            self.schedule_flush()
+        self._window_opened(stream_id)
+
+    def abort(self, exc: BaseException) -> None:
+        """Close the connection at once, failing every stream with ``exc``."""
+        if self.closed is None:
+            self.closed = exc
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        """Say goodbye (GOAWAY) and close the transport."""
+        if self.closed is None:
+            self.closed = ConnectionLostError(f"connection to {self.peer_name} closed")
+            try:
+                self.h2.close_connection()
+                self.flush()
+            except h2.exceptions.ProtocolError:
+                pass
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def peer_name(self) -> str:
+        if isinstance(self.peer, tuple) and len(self.peer) >= 2:
+            return f"{self.peer[0]}:{self.peer[1]}"
+        return str(self.peer)
+
+    # internals -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise self.closed
+
+    def _local_end(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.local_closed = True
+            self._maybe_forget(stream)
+
+    def _maybe_forget(self, stream: InboundStream) -> None:
+        if stream.local_closed and stream.ended and self.streams.pop(stream.id, None) is not None:
+            self.stream_closed(stream)
+
+    async def _drain(self) -> None:
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    async def _wait_window(self, stream_id: int) -> None:
+        waiter = self.loop.create_future()
+        self._window_waiters[stream_id] = waiter
+        try:
+            await waiter
+        finally:
+            if self._window_waiters.get(stream_id) is waiter:
+                del self._window_waiters[stream_id]
+
+    def _window_opened(self, stream_id: int) -> None:
+        if stream_id == 0:
+            waiters = list(self._window_waiters.values())
+            self._window_waiters.clear()
+        else:
+            waiter = self._window_waiters.pop(stream_id, None)
+            waiters = [waiter] if waiter is not None else []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _error_name(code: int | None) -> str:
+    if code is None:
+        return "no error code"
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"error code {code}"
