@@ -14,16 +14,28 @@ from .h2rpc.errors import (
     RemoteTraceback,
     StreamBrokenError,
 )
+from .machine import B, Machine, MachineStoppedError, ServiceStartError, State, add_arguments, start
+from .systems import KeepaliveConfig, System, register_system
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "B",
     "BigpoolError",
     "CallTimeoutError",
+    "KeepaliveConfig",
+    "Machine",
+    "MachineStoppedError",
     "MethodNotFoundError",
     "NetworkError",
     "RemoteError",
     "RemoteTraceback",
+    "ServiceStartError",
+    "State",
     "StreamBrokenError",
+    "System",
     "__version__",
+    "add_arguments",
+    "register_system",
+    "start",
 ]
