@@ -184,9 +184,7 @@ def _code_sources(
                     dirs = [p for p in list(path) if isinstance(p, str)]  # namespace portions
                 except Exception:  # a broken custom __path__
                     continue
-            dirs = [
-                os.path.abspath(d) for d in dirs if os.path.isdir(d) and not roots.excludes(d)
-            ]
+            dirs = [os.path.abspath(d) for d in dirs if os.path.isdir(d) and not roots.excludes(d)]
             if dirs:
                 out[top] = list(dict.fromkeys(dirs))
         elif (
@@ -239,7 +237,9 @@ def _package_files(
                     continue
             else:
                 if st.st_size > budget[0]:
-                    log.debug("bundle: leaving out %s (package data over %d bytes)", full, DATA_LIMIT)
+                    log.debug(
+                        "bundle: leaving out %s (package data over %d bytes)", full, DATA_LIMIT
+                    )
                     continue
                 budget[0] -= st.st_size
             data = _read(full)
@@ -291,7 +291,9 @@ class _ExcludedRoots:
             dirs.add(site.getusersitepackages())
         for prefix in prefixes:  # <prefix>/lib/pythonX.Y and friends, whatever the scheme says
             for lib in ("lib", "lib64"):
-                dirs.add(os.path.join(prefix, lib, f"python{sys.version_info[0]}.{sys.version_info[1]}"))
+                dirs.add(
+                    os.path.join(prefix, lib, f"python{sys.version_info[0]}.{sys.version_info[1]}")
+                )
             dirs.add(os.path.join(prefix, "Lib"))
         forms: set[str] = set()
         for d in dirs:
@@ -444,7 +446,9 @@ def _from_manifest(raw: bytes, code: bytes, where: str) -> Bundle:
         )
     found = _zip_modules(code)
     if tuple(modules) != found:
-        raise ValueError(f"{where}: bundle module list {modules} does not match its zip {list(found)}")
+        raise ValueError(
+            f"{where}: bundle module list {modules} does not match its zip {list(found)}"
+        )
     return Bundle(
         code=code, distributions=distributions, python=python, digest=digest, modules=found
     )
