@@ -357,8 +357,13 @@ class Machine:
             except Exception as exc:
                 raise ServiceStartError(name, self.addr, exc) from exc
 
-    async def _await_supervisor(self, b: B, timeout: float) -> dict[str, Any]:
-        """Ping until the supervisor answers; its info. Fails after ``timeout`` seconds."""
+    async def _await_supervisor(
+        self, b: B, timeout: float, digest: str | None = None
+    ) -> dict[str, Any]:
+        """Ping until the supervisor answers (running ``digest``, if given); its info.
+
+        Fails after ``timeout`` seconds.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.005
@@ -369,13 +374,16 @@ class Machine:
                 info: dict[str, Any] = await b._client.call(
                     self.addr, "Supervisor.info", None, timeout=max(1.0, min(10.0, timeout))
                 )
-                self.pid = info.get("pid")
-                return info
+                if digest is None or info.get("digest") == digest:
+                    self.pid = info.get("pid")
+                    return info
+                failure = f"it runs digest {info.get('digest')!r}, not {digest!r}"
             except NetworkError as exc:
-                if loop.time() + delay > deadline:
-                    raise NetworkError(
-                        f"machine did not answer within {timeout:g}s: {exc}", addr=self.addr
-                    ) from exc
+                failure = str(exc)
+            if loop.time() + delay > deadline:
+                raise NetworkError(
+                    f"machine did not answer within {timeout:g}s: {failure}", addr=self.addr
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
@@ -393,13 +401,8 @@ class Machine:
             b.bundle_uploads += 1
         await b._client.call(self.addr, "Supervisor.setargs", list(sys.argv), timeout=30)
         await b._client.call(self.addr, "Supervisor.exec", bundle.digest, timeout=30)
-        b._client.disconnect(self.addr)
-        info = await self._await_supervisor(b, b.boot_timeout)
-        if info.get("digest") != bundle.digest:
-            raise BigpoolError(
-                f"machine {self.addr} exec'd but runs digest {info.get('digest')!r}, "
-                f"not {bundle.digest!r}"
-            )
+        # Until the exec happens the old image still answers: wait for the new digest.
+        await self._await_supervisor(b, b.boot_timeout, digest=bundle.digest)
 
     async def _keepalive_once(self, b: B) -> None:
         config = b.keepalive

@@ -117,7 +117,8 @@ class MachineRuntime:
     # keepalive -------------------------------------------------------------------------------
 
     def extend_deadline(self, seconds: float) -> None:
-        self._deadline = max(self._deadline, time.monotonic() + seconds)
+        """A keepalive arrived: the machine now lives ``seconds`` more (replacing the boot grace)."""
+        self._deadline = time.monotonic() + seconds
 
     async def _watch(self) -> None:
         while True:
@@ -217,11 +218,14 @@ def _read_all_fd(fd: int) -> bytes:
 
 
 def _process_exit(code: int, message: str) -> None:
-    if message:
-        print(f"bigpool machine: {message}", file=sys.stderr)
+    # The driver may be gone, and our stdout and stderr with it: nothing may stop the exit.
     try:
+        if message:
+            print(f"bigpool machine: {message}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
+    except BaseException:
+        pass
     finally:
         os._exit(code)
 

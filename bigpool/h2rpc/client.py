@@ -123,10 +123,11 @@ class ClientConnection(H2Connection):
     def stream_reset(self, stream: InboundStream, error_code: int | None) -> None:
         if error_code == ErrorCodes.REFUSED_STREAM:
             # The server did not start the call: safe to try again.
+            stream.reset_code = error_code
             stream.fail(NetworkError("peer refused the stream", addr=self.addr))
+            self.stream_closed(stream)
         else:
             super().stream_reset(stream, error_code)
-        self.stream_closed(stream)
 
     def connection_terminated(self, event: h2.events.ConnectionTerminated) -> None:
         self._closing = True
@@ -214,6 +215,9 @@ class Client:
         except StreamBrokenError as exc:
             if conn.closed is not None:
                 raise _network_error(addr, conn.closed) from exc
+            if timeout is not None and stream.reset_code == ErrorCodes.CANCEL:
+                # The server's copy of our deadline fired a moment before ours.
+                raise CallTimeoutError(service_method, timeout) from None
             raise
         finally:
             if not returned and not stream.finished:
@@ -299,6 +303,15 @@ class Client:
             conn.close()
         for conn in conns:
             await conn.closed_event.wait()
+
+    def abort(self) -> None:
+        """Cut every connection at once (no goodbye); for a process that is going away."""
+        self._closed = True
+        conns = list(self._connections.values())
+        self._connections.clear()
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.abort()
 
     def disconnect(self, addr: str) -> None:
         """Drop the connection to ``addr`` (calls on it fail); the next call reconnects."""

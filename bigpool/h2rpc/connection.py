@@ -74,6 +74,7 @@ class InboundStream:
         "headers",
         "id",
         "local_closed",
+        "reset_code",
         "trailers",
     )
 
@@ -86,6 +87,7 @@ class InboundStream:
         self._buffered = 0
         self.ended = False
         self.local_closed = False
+        self.reset_code: int | None = None
         self.error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -282,6 +284,7 @@ class H2Connection(asyncio.Protocol):
             self.connection_terminated(event)
 
     def stream_reset(self, stream: InboundStream, error_code: int | None) -> None:
+        stream.reset_code = error_code
         stream.fail(StreamBrokenError(f"stream reset by peer ({_error_name(error_code)})"))
         self.stream_closed(stream)
 

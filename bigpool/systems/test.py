@@ -123,6 +123,7 @@ class TestSystem:
         def abort() -> None:
             if runtime is not None:
                 runtime.server.abort()
+                runtime.b._client.abort()
                 if runtime._watchdog is not None:
                     runtime._watchdog.cancel()
 
