@@ -180,6 +180,10 @@ class MachineRuntime:
         hexdigest = digest.split(":", 1)[-1]
         return os.path.join(self.bundle_dir, f"{hexdigest}.zip")
 
+    def running_bundle_path(self) -> str | None:
+        """Where the bundle this process runs is stored, if it runs one."""
+        return self._bundle_path(self.digest) if self.digest else None
+
     def check_bundle(self, digest: str) -> None:
         if not self._exec_allowed:
             raise RuntimeError(f"machines of system {self.system.name!r} cannot exec")

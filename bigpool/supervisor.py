@@ -115,11 +115,13 @@ class Supervisor:
         return await self._runtime.store_bundle(reader)
 
     def getbinary(self) -> Iterator[bytes]:
-        """The bundle last stored by :meth:`setbinary`, streamed."""
-        path = self._runtime.last_bundle_path
+        """The bundle last stored by :meth:`setbinary` (else the running one), streamed."""
+        path = self._runtime.last_bundle_path or self._runtime.running_bundle_path()
         if path is None:
             raise FileNotFoundError("no bundle has been uploaded to this machine")
-        return _read_file(path)
+        from .bundle import read_bundle, serialize_bundle
+
+        return iter([serialize_bundle(read_bundle(path))])
 
     async def exec(self, digest: str) -> None:
         """Replace this process with a Python running the stored bundle ``digest``.
@@ -228,12 +230,6 @@ class Supervisor:
 
 class ServiceUnpickleError(RuntimeError):
     """A service's pickle could not be loaded on the machine (a missing module, say)."""
-
-
-def _read_file(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            yield data
 
 
 def _py_spy(args: list[str], timeout: float) -> str:

@@ -341,7 +341,27 @@ def test_bundle_upload_exec_and_digest(tmp_path: Any) -> None:
         assert b.bundle_uploads == 1
         first_pid = m.call("S.pid")
         assert first_pid == info["pid"]
+        from bigpool.bundle import deserialize_bundle
+
+        stored = m.call("Supervisor.getbinary").read()
+        assert deserialize_bundle(stored).digest == info["digest"]
         (m2,) = booted(b, 1)
         assert b.bundle_uploads == 1, "the second start uploaded the bundle again"
         assert m2.call("Supervisor.info")["digest"] == current_bundle().digest
         assert m2.call("S.echo", "ok") == "ok"
+
+
+def test_supervisor_reports_and_profiles() -> None:
+    with bigpool.start("local") as b:
+        (m,) = booted(b, 1)
+        assert m.call("Supervisor.ping", 41) == 41
+        assert m.call("Supervisor.getpid") == m.pid
+        info = m.call("Supervisor.info")
+        assert info["python"].startswith(f"{sys.version_info[0]}.{sys.version_info[1]}")
+        assert "threads" in m.call("Supervisor.profiles")
+        dump = m.call("Supervisor.profile", "threads", timeout=60)
+        assert "MainThread" in dump and str(m.pid) in dump
+        expvars = m.call("Supervisor.expvars")
+        assert expvars["services"] == ["S", "Supervisor"] and expvars["uptime_seconds"] > 0
+        with pytest.raises(ValueError, match="unknown profile"):
+            m.call("Supervisor.profile", "nope")
