@@ -401,11 +401,13 @@ class ServerConnection(H2Connection):
         call_cancelled(call)
         task = self.tasks.get(stream.id)
         if task is not None:
-            task.cancel()
+            # A method reading its streamed argument first sees StreamBrokenError (the stream
+            # was just failed); the task is cancelled a step later if it is still running.
+            self.loop.call_soon(task.cancel)
 
     def on_closed(self) -> None:
         self.server._connections.discard(self)
         for call in self.calls.values():
             call.cancelled.set()
         for task in list(self.tasks.values()):
-            task.cancel()
+            self.loop.call_soon(task.cancel)  # after readers see their stream fail, as above
