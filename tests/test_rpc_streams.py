@@ -111,6 +111,13 @@ class Streams:
         return gen()
 
 
+async def drain(reader: StreamReader) -> int:
+    n = 0
+    while chunk := await reader.read_chunk():
+        n += len(chunk)
+    return n
+
+
 def digest(data: bytes) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
@@ -281,9 +288,7 @@ async def test_server_closing_mid_reply_is_not_a_short_read(make_rpc: Any) -> No
         assert await asyncio.wait_for(reader.read_chunk(), DEADLINE)
         await rpc.server.close()
         with pytest.raises((StreamBrokenError, NetworkError)):
-            async with asyncio.timeout(DEADLINE):
-                while await reader.read_chunk():
-                    pass
+            await asyncio.wait_for(drain(reader), DEADLINE)
 
 
 async def test_client_disconnect_mid_reply_is_not_a_short_read(make_rpc: Any) -> None:
@@ -293,9 +298,7 @@ async def test_client_disconnect_mid_reply_is_not_a_short_read(make_rpc: Any) ->
         assert await asyncio.wait_for(reader.read_chunk(), DEADLINE)
         rpc.client.disconnect(rpc.addr)
         with pytest.raises((StreamBrokenError, NetworkError)):
-            async with asyncio.timeout(DEADLINE):
-                while await reader.read_chunk():
-                    pass
+            await asyncio.wait_for(drain(reader), DEADLINE)
     # The client reconnects for the next call.
     reader = await rpc.call("S.reply_generator", 2, timeout=DEADLINE)
     async with reader:
@@ -327,3 +330,44 @@ async def test_connection_dropping_mid_argument_breaks_server_reader(make_rpc: A
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+class Slow:
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    async def trickle(self, seconds: float) -> AsyncIterator[bytes]:
+        async def gen() -> AsyncIterator[bytes]:
+            for i in range(10):
+                await asyncio.sleep(seconds / 10)
+                yield bytes([i]) * 1000
+
+        return gen()
+
+    def endless(self, _: Any = None) -> Iterator[bytes]:
+        def gen() -> Iterator[bytes]:
+            try:
+                while True:
+                    yield b"z" * 65536
+            finally:
+                self.closed.set()
+
+        return gen()
+
+
+async def test_timeout_bounds_a_streamed_reply_only_up_to_its_start(make_rpc: Any) -> None:
+    """As Client.call documents: the reply may take longer to stream than ``timeout``."""
+    rpc = await make_rpc({"S": Slow()})
+    reader = await rpc.call("S.trickle", 1.0, timeout=0.3)
+    async with reader:
+        data = await asyncio.wait_for(reader.read(), DEADLINE)
+    assert data == b"".join(bytes([i]) * 1000 for i in range(10))
+
+
+async def test_closing_a_reply_reader_early_stops_the_server_generator(make_rpc: Any) -> None:
+    svc = Slow()
+    rpc = await make_rpc({"S": svc})
+    reader = await rpc.call("S.endless", timeout=DEADLINE)
+    assert await asyncio.wait_for(reader.read_chunk(), DEADLINE)
+    reader.close()
+    assert await asyncio.to_thread(svc.closed.wait, DEADLINE)

@@ -286,6 +286,9 @@ class Server:
     async def _reply_stream(
         self, conn: ServerConnection, stream: InboundStream, result: Any, call: CallContext
     ) -> None:
+        # The caller's timeout bounds a call up to the start of a streamed reply (Client.call),
+        # not the whole transfer: from here on the deadline no longer applies.
+        call.deadline = None
         conn.send_headers(stream.id, wire.response_headers(wire.STATUS_OK, wire.CONTENT_TYPE_STREAM))
         try:
             async for chunk in iterate_body(result, self._executor):
@@ -384,6 +387,9 @@ class ServerConnection(H2Connection):
             self.loop.call_at(call.deadline, self._expire, stream_id, task)
 
     def _expire(self, stream_id: int, task: asyncio.Task[None]) -> None:
+        call = self.calls.get(stream_id)
+        if call is not None and call.deadline is None:
+            return  # a streamed reply has started (see Server._reply_stream)
         if not task.done():
             task.cancel()
 
