@@ -203,7 +203,12 @@ class Client:
         returned = False
         try:
             if streamed:
-                await self._send_stream(conn, stream, arg)
+                try:
+                    await self._send_stream(conn, stream, arg)
+                except StreamBrokenError:
+                    if stream.headers is None:
+                        raise
+                    # The server replied before taking the whole argument, then stopped it.
             elif body is not None:
                 await conn.send_data(stream.id, body, end_stream=True)
             result = await self._read_reply(conn, stream, service_method)
