@@ -126,3 +126,22 @@ async def test_server_deadline_sets_cancelled_for_thread_method(make_rpc: Any) -
         assert await asyncio.to_thread(svc.thread_saw_cancel.wait, DEADLINE)
     finally:
         conn.reset_stream(stream.id)
+
+
+async def test_server_closing_mid_call_is_a_network_error_and_cancels(make_rpc: Any) -> None:
+    from bigpool.h2rpc import ConnectionLostError, NetworkError
+
+    svc = Sleeper()
+    rpc = await make_rpc({"S": svc})
+    task = asyncio.create_task(rpc.call("S.forever"))
+    try:
+        await asyncio.wait_for(svc.started.wait(), DEADLINE)
+        await rpc.server.close()
+        with pytest.raises(NetworkError) as info:
+            await asyncio.wait_for(task, DEADLINE)
+        assert isinstance(info.value, ConnectionLostError)
+        assert info.value.temporary
+        await asyncio.wait_for(svc.cancelled.wait(), DEADLINE)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

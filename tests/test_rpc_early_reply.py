@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bigpool.h2rpc import StreamBrokenError, StreamReader, wire
+from bigpool.h2rpc import BadRequestError, StreamBrokenError, StreamReader, wire
 from bigpool.h2rpc.connection import STREAM_WINDOW
 
 DEADLINE = 10.0
@@ -110,3 +110,16 @@ async def test_sender_waiting_for_window_sees_the_reset(make_rpc: Any) -> None:
     finally:
         sender.cancel()
         conn.reset_stream(stream.id)
+
+
+@pytest.mark.parametrize("size", [10_000, STREAM_WINDOW + 4 * MiB])
+async def test_argument_over_the_servers_limit_is_a_bad_request(make_rpc: Any, size: int) -> None:
+    class Echo:
+        def echo(self, x: Any) -> Any:
+            return x
+
+    rpc = await make_rpc({"E": Echo()}, max_message_size=1000)
+    assert await rpc.call("E.echo", b"y" * 100, timeout=DEADLINE) == b"y" * 100
+    with pytest.raises(BadRequestError, match="exceeds the limit of 1000 bytes"):
+        await rpc.call("E.echo", b"y" * size, timeout=DEADLINE)
+    assert await rpc.call("E.echo", b"z", timeout=DEADLINE) == b"z"
