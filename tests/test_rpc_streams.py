@@ -371,3 +371,31 @@ async def test_closing_a_reply_reader_early_stops_the_server_generator(make_rpc:
     assert await asyncio.wait_for(reader.read_chunk(), DEADLINE)
     reader.close()
     assert await asyncio.to_thread(svc.closed.wait, DEADLINE)
+
+
+async def test_argument_generator_failing_midway_reaches_thread_reader(make_rpc: Any) -> None:
+    seen: list[BaseException] = []
+    failed = threading.Event()
+
+    class ThreadSink:
+        def consume(self, reader: Any) -> int:
+            n = 0
+            try:
+                while block := reader.read(65536):
+                    n += len(block)
+            except BaseException as exc:
+                seen.append(exc)
+                failed.set()
+                raise
+            return n
+
+    rpc = await make_rpc({"T": ThreadSink()})
+
+    def bad_arg() -> Iterator[bytes]:
+        yield from chunks(3)
+        raise OSError("tape snapped")
+
+    with pytest.raises(OSError, match="tape snapped"):
+        await rpc.call("T.consume", bad_arg(), timeout=DEADLINE)
+    assert await asyncio.to_thread(failed.wait, DEADLINE)
+    assert isinstance(seen[0], StreamBrokenError), repr(seen[0])
