@@ -203,10 +203,15 @@ class Client:
             raise _network_error(addr, exc) from exc
         returned = False
         try:
-            if streamed:
-                await self._send_stream(conn, stream, arg)
-            elif body is not None:
-                await conn.send_data(stream.id, body, end_stream=True)
+            try:
+                if streamed:
+                    await self._send_stream(conn, stream, arg)
+                elif body is not None:
+                    await conn.send_data(stream.id, body, end_stream=True)
+            except StreamBrokenError:
+                if stream.headers is None:
+                    raise
+                # The server replied before taking the whole argument, then stopped it.
             result = await self._read_reply(conn, stream, service_method)
             returned = True
             return result

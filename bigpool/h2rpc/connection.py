@@ -285,7 +285,10 @@ class H2Connection(asyncio.Protocol):
 
     def stream_reset(self, stream: InboundStream, error_code: int | None) -> None:
         stream.reset_code = error_code
-        stream.fail(StreamBrokenError(f"stream reset by peer ({_error_name(error_code)})"))
+        # After the peer's END_STREAM its body is complete: a reset then (as when a server
+        # replies before reading the whole request) only stops our sending, loses nothing.
+        if not stream.ended:
+            stream.fail(StreamBrokenError(f"stream reset by peer ({_error_name(error_code)})"))
         self.stream_closed(stream)
 
     def connection_terminated(self, event: h2.events.ConnectionTerminated) -> None:
@@ -351,6 +354,9 @@ class H2Connection(asyncio.Protocol):
                 raise StreamBrokenError(f"stream {stream_id} was closed by the peer") from None
             size = min(window, self.h2.max_outbound_frame_size, total - sent)
             if size <= 0 and sent < total:
+                if stream_id not in self.streams:
+                    # Reset (and forgotten): h2 may still report its window, which never opens.
+                    raise StreamBrokenError(f"stream {stream_id} was reset")
                 await self._wait_window(stream_id)
                 continue
             last = end_stream and sent + size == total

@@ -295,6 +295,9 @@ class Server:
     async def _reply_stream(
         self, conn: ServerConnection, stream: InboundStream, result: Any, call: CallContext
     ) -> None:
+        # The caller's timeout bounds a call up to the start of a streamed reply (Client.call),
+        # not the whole transfer: from here on the deadline no longer applies.
+        call.deadline = None
         conn.send_headers(stream.id, wire.response_headers(wire.STATUS_OK, wire.CONTENT_TYPE_STREAM))
         try:
             async for chunk in iterate_body(result, self._executor):
@@ -393,6 +396,9 @@ class ServerConnection(H2Connection):
             self.loop.call_at(call.deadline, self._expire, stream_id, task)
 
     def _expire(self, stream_id: int, task: asyncio.Task[None]) -> None:
+        call = self.calls.get(stream_id)
+        if call is not None and call.deadline is None:
+            return  # a streamed reply has started (see Server._reply_stream)
         if not task.done():
             task.cancel()
 
@@ -410,11 +416,13 @@ class ServerConnection(H2Connection):
         call_cancelled(call)
         task = self.tasks.get(stream.id)
         if task is not None:
-            task.cancel()
+            # A method reading its streamed argument first sees StreamBrokenError (the stream
+            # was just failed); the task is cancelled a step later if it is still running.
+            self.loop.call_soon(task.cancel)
 
     def on_closed(self) -> None:
         self.server._connections.discard(self)
         for call in self.calls.values():
             call.cancelled.set()
         for task in list(self.tasks.values()):
-            task.cancel()
+            self.loop.call_soon(task.cancel)  # after readers see their stream fail, as above

@@ -122,7 +122,12 @@ def parse_path(path: bytes) -> tuple[str, str]:
 
 def method_path(service_method: str) -> bytes:
     """The request path for ``"Service.method"``, checked as the server will check it."""
-    path = RPC_PREFIX + service_method.encode("ascii", "replace")
+    try:
+        name = service_method.encode("ascii")
+    except UnicodeEncodeError:
+        # Not "replace": "S.café" must not quietly become a call of "S.caf?".
+        raise BadRequestError(f"method name {service_method[:200]!r} is not ASCII") from None
+    path = RPC_PREFIX + name
     parse_path(path)
     return path
 
