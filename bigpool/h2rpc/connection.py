@@ -26,8 +26,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PushPromiseFrame
 
 from .errors import ConnectionLostError, ProtocolError, StreamBrokenError
 from .wire import Headers
@@ -41,6 +43,8 @@ CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024
 # Header blocks beyond this are refused: a bound on what a peer can make us decode and hold.
 MAX_HEADER_LIST_SIZE = 64 * 1024
+# A header block (HEADERS plus CONTINUATIONs) is held whole until decoded; refuse larger ones.
+MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST_SIZE
 # Frames at least this big are written out at once rather than batched with others.
 EAGER_FLUSH_BYTES = 64 * 1024
 
@@ -54,6 +58,35 @@ def h2_config(client_side: bool) -> h2.config.H2Configuration:
         validate_inbound_headers=True,
         normalize_inbound_headers=False,
     )
+
+
+class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer with two bounds it lacks on what a peer can make us hold.
+
+    h2 checks a frame's length against the maximum frame size only once the whole frame has
+    arrived, so a header announcing 16 MiB makes it buffer 16 MiB first; here the header alone
+    is enough. And h2 buffers a header block of up to 64 CONTINUATION frames of any size before
+    decoding (and then refusing) it; here the block may not exceed ``MAX_HEADER_BLOCK``.
+    """
+
+    _block_size = 0
+
+    def __next__(self) -> Frame:
+        # h2 4.1 names the buffer ``data``, later versions ``_data``.
+        pending: bytes = getattr(self, "_data", b"") or getattr(self, "data", b"")
+        if len(pending) >= 9:
+            self._validate_frame_length(int.from_bytes(pending[:3], "big"))
+        return super().__next__()
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, HeadersFrame | PushPromiseFrame | ContinuationFrame):
+            start = 0 if not isinstance(f, ContinuationFrame) else self._block_size
+            self._block_size = start + len(f.data)
+            if self._block_size > MAX_HEADER_BLOCK:
+                raise h2.exceptions.DenialOfServiceError(
+                    f"header block exceeds {MAX_HEADER_BLOCK} bytes"
+                )
+        return super()._update_header_buffer(f)
 
 
 class InboundStream:
@@ -179,6 +212,7 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, *, client_side: bool, max_concurrent_streams: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.h2 = h2.connection.H2Connection(h2_config(client_side))
+        self.h2.incoming_buffer = _BoundedFrameBuffer(server=not client_side)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, InboundStream] = {}
         self.closed: BaseException | None = None

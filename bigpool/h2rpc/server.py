@@ -393,7 +393,10 @@ class ServerConnection(H2Connection):
         self.tasks[stream_id] = task
         task.add_done_callback(functools.partial(self._call_done, stream_id))
         if call is not None and call.deadline is not None:
-            self.loop.call_at(call.deadline, self._expire, stream_id, task)
+            # Cancelled with the call: a far deadline must not keep a finished call (and its
+            # connection) alive.
+            timer = self.loop.call_at(call.deadline, self._expire, stream_id, task)
+            task.add_done_callback(lambda _: timer.cancel())
 
     def _expire(self, stream_id: int, task: asyncio.Task[None]) -> None:
         call = self.calls.get(stream_id)
