@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -53,7 +54,7 @@ class Bench:
     """The service the benchmark calls."""
 
     def __init__(self) -> None:
-        self._block = memoryview(bytes(CHUNK))
+        self._block = bytes(CHUNK)
 
     async def echo(self, x: Any) -> Any:
         return x
@@ -67,16 +68,17 @@ class Bench:
             n += len(chunk)
         return n
 
-    async def source(self, size: int) -> AsyncIterator[memoryview]:
-        return self._produce(size)
+    async def source(self, size: int) -> AsyncIterator[bytes]:
+        return _produce(self._block, size)
 
-    async def _produce(self, size: int) -> AsyncIterator[memoryview]:
-        block = self._block
-        sent = 0
-        while sent < size:
-            n = min(CHUNK, size - sent)
-            yield block[:n]
-            sent += n
+
+async def _produce(block: bytes, size: int) -> AsyncIterator[bytes]:
+    """``size`` bytes in chunks of ``block`` (a generator of bytes, like a file read in chunks)."""
+    sent = 0
+    while sent < size:
+        n = min(len(block), size - sent)
+        yield block if n == len(block) else block[:n]
+        sent += n
 
 
 def _server_main(creds: Credentials, control: multiprocessing.connection.Connection) -> None:
@@ -193,17 +195,8 @@ async def calls_per_second(client: Client, addr: str, in_flight: int, sizes: Siz
 
 
 async def stream_upload(client: Client, addr: str, sizes: Sizes) -> float:
-    block = memoryview(bytes(CHUNK))
-
-    async def produce() -> AsyncIterator[memoryview]:
-        sent = 0
-        while sent < sizes.stream:
-            n = min(CHUNK, sizes.stream - sent)
-            yield block[:n]
-            sent += n
-
     t0 = time.perf_counter()
-    n = await client.call(addr, "Bench.sink", produce())
+    n = await client.call(addr, "Bench.sink", _produce(bytes(CHUNK), sizes.stream))
     elapsed = time.perf_counter() - t0
     assert n == sizes.stream, (n, sizes.stream)
     return sizes.stream / elapsed / 1e6
@@ -407,10 +400,8 @@ def _stop(
     controls: list[multiprocessing.connection.Connection],
 ) -> None:
     for conn in controls:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             conn.send("stop")
-        except (OSError, ValueError):
-            pass
     for proc in procs:
         proc.join(5)
         if proc.is_alive():
