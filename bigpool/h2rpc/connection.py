@@ -28,6 +28,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hyperframe.frame
 from h2.errors import ErrorCodes
 
@@ -120,6 +121,26 @@ class _H2Connection(h2.connection.H2Connection):
                 self._data_to_send += frame.serialize()
                 if frame.body_len > self.max_outbound_frame_size:
                     raise AssertionError(f"frame of {frame.body_len} bytes is too large")
+
+    def _open_streams(self, remainder: int) -> int:
+        # h2 calls this (through open_outbound/inbound_streams) for every new stream, to check
+        # the concurrency limit: a scan of every stream held, two properties each. The same
+        # scan, same result and same clean-up of closed streams, with the state read once.
+        count = 0
+        to_delete = []
+        is_open = h2.stream.STREAM_OPEN
+        closed = h2.stream.StreamState.CLOSED
+        for stream_id, stream in self.streams.items():
+            state = stream.state_machine.state
+            if is_open[state]:
+                if stream_id % 2 == remainder:
+                    count += 1
+            elif state == closed:
+                to_delete.append(stream_id)
+        for stream_id in to_delete:
+            stream = self.streams.pop(stream_id)
+            self._closed_streams[stream_id] = stream.closed_by
+        return count
 
     def chunks_to_send(self) -> list[bytes]:
         """Everything queued to send, in order, as a list of byte strings (taken, not copied)."""
