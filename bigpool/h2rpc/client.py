@@ -31,6 +31,11 @@ __all__ = ["Client", "parse_address"]
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024 * 1024
 
+# Request paths of method names already checked (wire.method_path parses and validates each
+# one): a small saving on every call, bounded so that made-up names cannot grow it forever.
+_PATHS: dict[str, bytes] = {}
+_MAX_CACHED_PATHS = 4096
+
 
 def parse_address(addr: str) -> tuple[str, int]:
     """``(host, port)`` from ``"host:port"``, ``"[v6]:port"`` or ``"https://host:port/"``.
@@ -62,6 +67,7 @@ class ClientConnection(H2Connection):
     def __init__(self, addr: str) -> None:
         super().__init__(client_side=True, max_concurrent_streams=16)
         self.addr = addr
+        self.authority = addr.encode("ascii")
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closing = False
 
@@ -190,13 +196,15 @@ class Client:
             raise CallTimeoutError(service_method, timeout) from None
 
     async def _call(self, addr: str, service_method: str, arg: Any, timeout: float | None) -> Any:
-        path = wire.method_path(service_method)
+        path = _PATHS.get(service_method)
+        if path is None:
+            path = wire.method_path(service_method)
+            if len(_PATHS) < _MAX_CACHED_PATHS:
+                _PATHS[service_method] = path
         streamed = wire.is_streamed(arg)
         body = None if streamed or arg is None else wire.encode_value(arg)
         conn = await self.connection(addr)
-        headers = wire.request_headers(
-            conn.addr.encode("ascii"), path, streamed=streamed, timeout=timeout
-        )
+        headers = wire.request_headers(conn.authority, path, streamed=streamed, timeout=timeout)
         try:
             stream = await conn.open_stream(headers, end_stream=body is None and not streamed)
         except (ConnectionLostError, OSError) as exc:

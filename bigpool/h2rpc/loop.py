@@ -25,6 +25,8 @@ class LoopThread:
     def __init__(self, name: str = "bigpool-loop") -> None:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_requested = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -79,7 +81,11 @@ class LoopThread:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the loop (cancelling what still runs on it) and join its thread."""
-        if self._thread.is_alive() and not self.loop.is_closed():
+        with self._stop_lock:
+            # One stop only: a second one would interrupt the shutdown of pending tasks.
+            first = not self._stop_requested
+            self._stop_requested = True
+        if first and self._thread.is_alive() and not self.loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self.loop.stop)
         if not self.in_loop_thread():

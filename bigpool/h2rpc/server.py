@@ -50,12 +50,27 @@ class CallContext:
     peer: Any
     peer_certificate: dict[str, Any] | None
     streamed: bool = False
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Made on first use: most calls finish without anyone asking (a threading.Event, with its
+    # Condition and lock, cost ~2% of a small call's server CPU when made for every call).
+    _cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when the caller cancels, times out or disconnects."""
+        event = self._cancelled
+        if event is None:
+            with _cancelled_lock:  # the loop thread and a method's thread may both ask first
+                event = self._cancelled
+                if event is None:
+                    event = self._cancelled = threading.Event()
+        return event
 
     @property
     def name(self) -> str:
         return f"{self.service}.{self.method}"
 
+
+_cancelled_lock = threading.Lock()
 
 _current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("bigrpc_call")
 
