@@ -84,6 +84,8 @@ MAX_YIELD_BYTES = 1 << 20
 # current one (one-deep prefetch), hiding the round trip for tiny chunks. Longer chunks are
 # sent one at a time, so a queued chunk never waits behind a long one while a worker idles.
 PREFETCH_BELOW_SECONDS = 0.005
+# How many chunks such a worker may hold at once (running + sent ahead).
+PREFETCH_DEPTH = 2
 # Backoff for replacing workers that die before they are ready (a broken environment).
 RESPAWN_BACKOFF_INITIAL = 0.1
 RESPAWN_BACKOFF_MAX = 5.0
@@ -672,8 +674,9 @@ class PoolWorkerService:
         for w in workers:  # then workers on tiny chunks get their next one ahead
             if not queue:
                 return
-            if (len(w.inflight) == 1 and w.last_seconds < PREFETCH_BELOW_SECONDS
-                    and not w.retiring and w.init_error is None):
+            if w.retiring or w.init_error is not None or w.last_seconds >= PREFETCH_BELOW_SECONDS:
+                continue
+            while queue and 0 < len(w.inflight) < PREFETCH_DEPTH:
                 self._send(w, queue.popleft())
 
     def _send(self, w: _Worker, chunk: Chunk) -> None:

@@ -14,7 +14,6 @@ import pickle
 import queue
 import signal
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,23 @@ from typing import Any
 import dill
 import psutil
 import pytest
+from pool_worker_tasks import (
+    add,
+    exit_three,
+    fail_on_three,
+    failing_initializer,
+    getpid,
+    init_unless_file,
+    init_worker,
+    make_generator,
+    noop,
+    pid_then_sleep,
+    read_initialized,
+    rendezvous,
+    say,
+    square,
+    wait_for_file,
+)
 
 import bigpool
 from bigpool import State
@@ -38,87 +54,6 @@ from bigpool.worker import (
     Chunk,
     PoolWorkerService,
 )
-
-# --- task functions (module level: pickled by reference, imported by the workers) ----------
-
-_initialized: str | None = None
-
-
-def square(x: int) -> int:
-    return x * x
-
-
-def add(a: int, b: int) -> int:
-    return a + b
-
-
-def getpid(_: object) -> int:
-    return os.getpid()
-
-
-def fail_on_three(x: int) -> int:
-    if x == 3:
-        raise ValueError(f"three is not allowed ({x})")
-    return x
-
-
-def make_generator(x: int) -> Any:
-    return (i for i in range(x))
-
-
-def exit_three(_: object) -> None:
-    print("about to exit with 3", file=sys.stderr, flush=True)
-    os._exit(3)
-
-
-def pid_then_sleep(path: str) -> None:
-    Path(path).write_text(str(os.getpid()))
-    time.sleep(60)
-
-
-def wait_for_file(path: str) -> str:
-    deadline = time.monotonic() + 20
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-    return path
-
-
-def rendezvous(mine: str, other: str) -> bool:
-    """Announce ``mine``, then wait (with a deadline) for the other task's ``other``."""
-    Path(mine).touch()
-    deadline = time.monotonic() + 10
-    while not os.path.exists(other):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def say(text: str) -> str:
-    print(text)
-    return text
-
-
-def init_worker(counter: str, value: str) -> None:
-    global _initialized
-    with open(counter, "a") as f:
-        f.write(f"{os.getpid()}\n")
-    _initialized = value
-
-
-def read_initialized(_: object) -> str | None:
-    return _initialized
-
-
-def failing_initializer() -> None:
-    raise KeyError("initializer-boom")
-
-
-def noop(_: object) -> None:
-    return None
-
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -473,3 +408,20 @@ def test_machine_shutdown_leaves_no_worker(system: str) -> None:
     finally:
         b.shutdown()
     wait_until(lambda: not any(alive(p) for p in pids), 10, "workers to exit with the machine")
+
+
+def test_replacement_initializer_failure_fails_its_chunk(tmp_path: Path) -> None:
+    flag = tmp_path / "refuse"
+    initializer = dill.dumps((init_unless_file, (str(flag),)))
+    with pool("test", 1, initializer=initializer) as (m, results):
+        flag.touch()  # the first worker started fine; its replacement will not
+        submit(m, chunk(1, exit_three, [(0,)]), chunk(2, square, [(3,)]))
+        got = results.get(2)
+        assert got[1][0] == WORKER_DIED
+        status, payload, _ = got[2]
+        assert status == TASK_ERROR
+        exc = decode_error(payload)
+        assert type(exc) is RuntimeError and "initializer refused" in str(exc)
+        flag.unlink()  # the next replacement's initializer succeeds
+        submit(m, chunk(3, square, [(4,)]))
+        assert ok_value(results.get(1)[3]) == [16]
