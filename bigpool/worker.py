@@ -498,19 +498,38 @@ class PoolWorkerService:
         w = _Worker(proc, replacement)
         if self._closed:  # shut down while this one was starting
             proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
             os.close(cmd_write)
             os.close(res_read)
             raise RuntimeError("the pool workers are shut down")
         self._all.add(w)
         self._workers.append(w)
         assert proc.stderr is not None
-        transport, _ = await loop.connect_write_pipe(_InputProtocol, os.fdopen(cmd_write, "wb", 0))
-        w.transport = transport
-        results, _ = await loop.connect_read_pipe(
-            lambda: _ResultProtocol(self, w), os.fdopen(res_read, "rb", 0)
-        )
-        errors, _ = await loop.connect_read_pipe(lambda: _StderrProtocol(w), proc.stderr)
-        w.read_transports = [results, errors]
+        cmd_file = os.fdopen(cmd_write, "wb", 0)
+        res_file = os.fdopen(res_read, "rb", 0)
+        try:
+            transport, _ = await loop.connect_write_pipe(_InputProtocol, cmd_file)
+            w.transport = transport
+            results, _ = await loop.connect_read_pipe(lambda: _ResultProtocol(self, w), res_file)
+            w.read_transports = [results]
+            errors, _ = await loop.connect_read_pipe(lambda: _StderrProtocol(w), proc.stderr)
+            w.read_transports.append(errors)
+            if self._closed:
+                raise RuntimeError("the pool workers are shut down")
+        except BaseException:
+            # Shut down (or cancelled) while connecting: this worker must not outlive us.
+            self._all.discard(w)
+            if w in self._workers:
+                self._workers.remove(w)
+            proc.kill()
+            proc.wait()
+            w.close_pipes()
+            for f in (cmd_file, res_file, proc.stderr):
+                with contextlib.suppress(OSError):
+                    f.close()
+            raise
         w.send(("init", self.initializer))
         return w
 
