@@ -100,7 +100,8 @@ class Chunk:
 
     ``func`` (the dill pickle of the function) must come with, or before, the first chunk using
     ``func_id`` on a machine; later chunks may send ``None``. ``args`` is a pickle (plain or
-    dill) of a list of argument tuples; ``star`` chooses ``func(*t)`` over ``func(t[0])``.
+    dill) of the chunk's tasks: with ``star`` argument tuples, called as ``func(*t)``; without,
+    single arguments, called as ``func(x)`` (no tuple per task to build and pickle).
     """
 
     chunk_id: int
