@@ -478,12 +478,13 @@ class _Feed:
         self.ready = False
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        self.stealing = False
 
     @property
     def capacity(self) -> int:
         t = self.chunk_seconds
         if t is None:
-            depth = 2
+            depth = 1  # until chunks are known to be quick, queue none behind another
         elif t >= LONG_CHUNK_SECONDS:
             depth = 1
         else:
@@ -542,6 +543,8 @@ class _Feed:
                 batch.append(Chunk(ref.chunk_id, fid, func, ref.args, ref.star))
                 room -= 1
             if not batch:
+                if len(self.in_flight) < self.slots:
+                    scheduler.rebalance(self)
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
@@ -646,6 +649,36 @@ class _Scheduler:
         for feed in self.feeds:
             if feed.ready and len(feed.in_flight) < feed.capacity:
                 feed.wakeup.set()
+
+    def rebalance(self, idle: _Feed) -> None:
+        """``idle`` has free slots and nothing is queued here: take back work that another
+        machine holds queued (not started), so no slot idles while another holds a queue."""
+        victim = max(
+            (f for f in self.feeds if f is not idle and f.ready and not f.stealing),
+            key=lambda f: len(f.in_flight) - f.slots,
+            default=None,
+        )
+        if victim is None:
+            return
+        excess = len(victim.in_flight) - victim.slots
+        if excess <= 0:
+            return
+        # The most recently sent chunks are the likeliest to be still queued.
+        ids = list(victim.in_flight)[-((excess + 1) // 2) :]
+        victim.stealing = True
+        victim.tasks.append(asyncio.get_running_loop().create_task(self._take_back(victim, ids)))
+
+    async def _take_back(self, victim: _Feed, ids: list[int]) -> None:
+        try:
+            dropped = await victim.machine._call_now(f"{SERVICE_NAME}.cancel", ids, 10.0)
+        except Exception:
+            return  # the machine is going away: its loss requeues everything anyway
+        finally:
+            victim.stealing = False
+        refs = [victim.in_flight.pop(i) for i in dropped if i in victim.in_flight]
+        if refs and victim.alive:
+            self.pending.extendleft(reversed(refs))
+            self._wake()
 
     def complete(self, ref: _ChunkRef, success: bool, value: Any) -> None:
         try:
