@@ -52,7 +52,7 @@ class CallContext:
     streamed: bool = False
     # Made on first use: most calls finish without anyone asking (a threading.Event, with its
     # Condition and lock, cost ~2% of a small call's server CPU when made for every call).
-    _cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
+    _cancelled: threading.Event | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def cancelled(self) -> threading.Event:
