@@ -330,10 +330,15 @@ def run_once(
                         lambda n=n: on_loop(calls_per_second(client, addr, n, sizes)),  # type: ignore[misc]
                     )
                     results[f"calls_{n}"] = rate
+            mib = max(1, sizes.stream >> 20)  # stream rows: CPU per MiB moved
             if "upload" in only:
-                results["upload"] = on_loop(stream_upload(client, addr, sizes))
+                results["upload"], results["cpu_upload"] = cpu.measure(
+                    mib, lambda: on_loop(stream_upload(client, addr, sizes))
+                )
             if "download" in only:
-                results["download"] = on_loop(stream_download(client, addr, sizes))
+                results["download"], results["cpu_download"] = cpu.measure(
+                    mib, lambda: on_loop(stream_download(client, addr, sizes))
+                )
         finally:
             lt.run(client.close(), timeout=10)
     finally:
@@ -355,7 +360,7 @@ def print_table(runs: list[dict[str, Any]], sizes: Sizes) -> bool:
     stream_label = f"{sizes.stream / GiB:g} GiB" if sizes.stream >= GiB else f"{sizes.stream >> 20} MiB"
     print()
     print(f"{'':46} {'p50/value':>10} {'p99':>7}  {'unit':8} {'target':>9}  {'met':3}  "
-          f"{'CPU us/call client+server':>25}")
+          f"{'CPU us/call (/MiB) c+s':>25}")
     all_met = True
     for name, (label, unit, target, higher) in ROWS.items():
         got = [r[name] for r in runs if name in r]
