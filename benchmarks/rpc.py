@@ -31,7 +31,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +92,19 @@ def _server_main(creds: Credentials, control: multiprocessing.connection.Connect
         control.send((host, port, os.getpid()))
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
-        # Any message, or EOF when the parent dies, stops the server.
-        loop.add_reader(control.fileno(), lambda: stop.done() or stop.set_result(None))
+
+        def on_control() -> None:
+            # "cpu" asks for our CPU time so far; anything else, or EOF (the parent died), stops.
+            try:
+                message = control.recv()
+            except (EOFError, OSError):
+                message = None
+            if message == "cpu":
+                control.send(time.process_time())
+            elif not stop.done():
+                stop.set_result(None)
+
+        loop.add_reader(control.fileno(), on_control)
         try:
             await stop
         finally:
@@ -172,7 +183,10 @@ def sync_latency(lt: LoopThread, client: Client, addr: str, sizes: Sizes) -> tup
     return latency_us(samples)
 
 
-async def calls_per_second(client: Client, addr: str, in_flight: int, sizes: Sizes) -> float:
+async def calls_per_second(
+    client: Client, addr: str, in_flight: int, sizes: Sizes
+) -> tuple[float, int]:
+    """Calls/s over a window (after a warm-up), and the number of calls made in all."""
     done = 0
     stop_at = 0.0
 
@@ -187,11 +201,12 @@ async def calls_per_second(client: Client, addr: str, in_flight: int, sizes: Siz
     # warm up (connection, caches), then measure a window
     stop_at = loop.time() + min(0.3, sizes.window / 2)
     await asyncio.gather(*(worker() for _ in range(in_flight)))
+    warm = done
     done = 0
     t0 = time.perf_counter()
     stop_at = loop.time() + sizes.window
     await asyncio.gather(*(worker() for _ in range(in_flight)))
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), warm + done
 
 
 async def stream_upload(client: Client, addr: str, sizes: Sizes) -> float:
@@ -261,33 +276,69 @@ ROWS: dict[str, tuple[str, str, float | None, bool]] = {
 LATENCY_ROWS = {"seq_async", "seq_thread", "seq_sync", "pipe_rt"}
 
 
+class CpuMeter:
+    """CPU time (user + system) of this process and of the server, per call, in microseconds.
+
+    Unlike wall-clock figures it hardly moves when other work shares the machine, so it is
+    the figure to compare changes by.
+    """
+
+    def __init__(self, control: multiprocessing.connection.Connection) -> None:
+        self._control = control
+
+    def _now(self) -> tuple[float, float]:
+        self._control.send("cpu")
+        return time.process_time(), self._control.recv()
+
+    def measure(self, calls: int | Callable[[Any], int], run: Callable[[], Any]) -> tuple[Any, tuple[float, float]]:
+        c0, s0 = self._now()
+        result = run()
+        c1, s1 = self._now()
+        n = calls(result) if callable(calls) else calls
+        n = max(n, 1)
+        return result, ((c1 - c0) / n * 1e6, (s1 - s0) / n * 1e6)
+
+
 def run_once(
     sizes: Sizes, only: set[str], addr: str, client_creds: Credentials,
-    pipe: multiprocessing.connection.Connection,
+    pipe: multiprocessing.connection.Connection, cpu: CpuMeter,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     lt = LoopThread("bench-client")
+    seq_calls = sizes.calls + sizes.warmup
     try:
         client = Client(client_creds.client_context())
         try:
             def on_loop(coro: Any) -> Any:
                 return lt.run(coro)
 
-            if "seq_async" in only:
-                results["seq_async"] = on_loop(seq_latency(client, addr, "Bench.echo", sizes))
-            if "seq_thread" in only:
-                results["seq_thread"] = on_loop(
-                    seq_latency(client, addr, "Bench.echo_thread", sizes)
-                )
+            lt.run(client.call(addr, "Bench.echo", SMALL))  # connect outside the measurements
+            for name, method in (("seq_async", "Bench.echo"), ("seq_thread", "Bench.echo_thread")):
+                if name in only:
+                    results[name], results[f"cpu_{name}"] = cpu.measure(
+                        seq_calls,
+                        lambda m=method: on_loop(seq_latency(client, addr, m, sizes)),  # type: ignore[misc]
+                    )
             if "seq_sync" in only:
-                results["seq_sync"] = sync_latency(lt, client, addr, sizes)
+                results["seq_sync"], results["cpu_seq_sync"] = cpu.measure(
+                    seq_calls, lambda: sync_latency(lt, client, addr, sizes)
+                )
             for n in (1, 16, 128):
                 if f"calls_{n}" in only:
-                    results[f"calls_{n}"] = on_loop(calls_per_second(client, addr, n, sizes))
+                    (rate, _), results[f"cpu_calls_{n}"] = cpu.measure(
+                        lambda r: r[1],
+                        lambda n=n: on_loop(calls_per_second(client, addr, n, sizes)),  # type: ignore[misc]
+                    )
+                    results[f"calls_{n}"] = rate
+            mib = max(1, sizes.stream >> 20)  # stream rows: CPU per MiB moved
             if "upload" in only:
-                results["upload"] = on_loop(stream_upload(client, addr, sizes))
+                results["upload"], results["cpu_upload"] = cpu.measure(
+                    mib, lambda: on_loop(stream_upload(client, addr, sizes))
+                )
             if "download" in only:
-                results["download"] = on_loop(stream_download(client, addr, sizes))
+                results["download"], results["cpu_download"] = cpu.measure(
+                    mib, lambda: on_loop(stream_download(client, addr, sizes))
+                )
         finally:
             lt.run(client.close(), timeout=10)
     finally:
@@ -308,7 +359,8 @@ def _fmt(value: float, unit: str) -> str:
 def print_table(runs: list[dict[str, Any]], sizes: Sizes) -> bool:
     stream_label = f"{sizes.stream / GiB:g} GiB" if sizes.stream >= GiB else f"{sizes.stream >> 20} MiB"
     print()
-    print(f"{'':46} {'p50 / value':>12} {'p99':>8}  {'unit':8} {'target':>10}  met")
+    print(f"{'':46} {'p50/value':>10} {'p99':>7}  {'unit':8} {'target':>9}  {'met':3}  "
+          f"{'CPU us/call (/MiB) c+s':>25}")
     all_met = True
     for name, (label, unit, target, higher) in ROWS.items():
         got = [r[name] for r in runs if name in r]
@@ -318,9 +370,9 @@ def print_table(runs: list[dict[str, Any]], sizes: Sizes) -> bool:
         if name in LATENCY_ROWS:
             p50 = statistics.median(g[0] for g in got)
             p99 = statistics.median(g[1] for g in got)
-            value, extra = p50, f"{p99:>8,.0f}"
+            value, extra = p50, f"{p99:>7,.0f}"
         else:
-            value, extra = statistics.median(got), f"{'':>8}"
+            value, extra = statistics.median(got), f"{'':>7}"
         if target is None:
             tgt, met = "", ""
         else:
@@ -328,7 +380,13 @@ def print_table(runs: list[dict[str, Any]], sizes: Sizes) -> bool:
             all_met &= ok
             tgt = f"{'>=' if higher else '<='} {target:,.0f}"
             met = "yes" if ok else "NO"
-        print(f"{label:46} {_fmt(value, unit):>12} {extra}  {unit:8} {tgt:>10}  {met}")
+        cpus = [r[f"cpu_{name}"] for r in runs if f"cpu_{name}" in r]
+        cpu = ""
+        if cpus:
+            client = statistics.median(c[0] for c in cpus)
+            server = statistics.median(c[1] for c in cpus)
+            cpu = f"{client:.0f} + {server:.0f} = {client + server:.0f}"
+        print(f"{label:46} {value:>10,.0f} {extra}  {unit:8} {tgt:>9}  {met:3}  {cpu:>25}")
     return all_met
 
 
@@ -355,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"bigpool RPC benchmark: Python {platform.python_version()}, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {runs} run(s) per figure, median shown"
+        f"{os.cpu_count()} CPUs, {runs} run(s) per figure, median shown; "
+        f"load average at start {os.getloadavg()[0]:.2f}"
     )
     procs: list[multiprocessing.process.BaseProcess] = []
     controls: list[multiprocessing.connection.Connection] = []
@@ -379,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         pipe_child.close()
         print(f"server pid {server_pid} at {addr}; client pid {os.getpid()}", file=sys.stderr)
 
+        cpu = CpuMeter(parent_ctl)
         results = []
         for i in range(runs):
             t0 = time.perf_counter()
-            results.append(run_once(sizes, only, addr, client_creds, pipe_parent))
+            results.append(run_once(sizes, only, addr, client_creds, pipe_parent, cpu))
             print(f"run {i + 1}/{runs} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         met = print_table(results, sizes)
         print()
