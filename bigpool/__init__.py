@@ -19,21 +19,46 @@ from .systems import KeepaliveConfig, System, register_system
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "BigPool": "bigpool.pool",
+    "BigPoolExecutor": "bigpool.pool",
+    "BrokenExecutor": "bigpool.pool",
+    "PoolTerminatedError": "bigpool.pool",
+    "TaskLostError": "bigpool.pool",
+}
+
+
+def __getattr__(name: str) -> object:
+    # The pool (and its worker service) load on first use, keeping `import bigpool` light.
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'bigpool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
     "B",
+    "BigPool",
+    "BigPoolExecutor",
     "BigpoolError",
+    "BrokenExecutor",
     "CallTimeoutError",
     "KeepaliveConfig",
     "Machine",
     "MachineStoppedError",
     "MethodNotFoundError",
     "NetworkError",
+    "PoolTerminatedError",
     "RemoteError",
     "RemoteTraceback",
     "ServiceStartError",
     "State",
     "StreamBrokenError",
     "System",
+    "TaskLostError",
     "__version__",
     "add_arguments",
     "register_system",

@@ -49,6 +49,10 @@ class Service:
     def pid(self) -> int:
         return os.getpid()
 
+    def chatter(self, n: int) -> None:
+        for i in range(n):
+            print(f"line {i}")
+
     def say(self, text: str) -> None:
         print(text, flush=True)
         print("to stderr: " + text, file=sys.stderr, flush=True)
@@ -263,6 +267,18 @@ def test_machine_output_reaches_driver_prefixed(capfd: pytest.CaptureFixture[str
     out, err = capfd.readouterr()
     assert f"{m.addr}: hello-from-machine\n" in out
     assert f"{m.addr}: to stderr: hello-from-machine\n" in err
+
+
+def test_no_output_is_lost_at_shutdown(capfd: pytest.CaptureFixture[str]) -> None:
+    b = bigpool.start("local")
+    try:
+        (m,) = booted(b, 1)
+        m.call("S.chatter", 5000)
+    finally:
+        b.shutdown()
+    out, _ = capfd.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith(f"{m.addr}: line ")]
+    assert lines == [f"{m.addr}: line {i}" for i in range(5000)]
 
 
 def test_client_from_another_ca_is_refused() -> None:

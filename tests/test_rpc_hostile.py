@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import gc
 import random
+import socket
 import ssl
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from typing import Any
 
 import h2.events
 import pytest
+from cryptography import x509
 from h2.errors import ErrorCodes
 from hostile_helpers import (
     CONTINUATION,
@@ -27,6 +29,7 @@ from hostile_helpers import (
     END_HEADERS,
     END_STREAM,
     HEADERS,
+    PING,
     POISON,
     POISONED,
     PREFACE,
@@ -46,6 +49,7 @@ from hostile_helpers import (
 )
 
 from bigpool.h2rpc import Authority, Credentials, Server, wire
+from bigpool.h2rpc import connection as connection_module
 
 
 class Echo:
@@ -137,32 +141,70 @@ async def _refused(rig: Rig, ctx: ssl.SSLContext | None, payload: bytes) -> tupl
 # 1-3, 5: TLS that must not get as far as HTTP/2 ------------------------------------------------
 
 
-async def test_client_without_certificate_is_refused(rig: Rig, authority: Authority) -> None:
+# TLS 1.3 and 1.2 fail a bad client certificate at different points (1.3: after the client
+# thinks the handshake is done), so both are tried.
+TLS_VERSIONS = pytest.mark.parametrize(
+    "tls_max", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"]
+)
+
+
+@TLS_VERSIONS
+async def test_client_without_certificate_is_refused(
+    rig: Rig, authority: Authority, tls_max: ssl.TLSVersion
+) -> None:
     ctx = _context(None, authority.cert_pem, ["h2"])
+    ctx.maximum_version = tls_max
     received, _ = await _refused(rig, ctx, poisoned_request())
     assert received == b""
 
 
+@TLS_VERSIONS
 async def test_client_with_certificate_from_another_ca_is_refused(
-    rig: Rig, authority: Authority
+    rig: Rig, authority: Authority, tls_max: ssl.TLSVersion
 ) -> None:
     other = Authority.create("evil CA").issue("intruder", ips=["127.0.0.1"])
     ctx = _context(other, authority.cert_pem, ["h2"])
+    ctx.maximum_version = tls_max
     received, _ = await _refused(rig, ctx, poisoned_request())
     assert received == b""
 
 
-async def test_client_with_expired_certificate_is_refused(rig: Rig, authority: Authority) -> None:
+@TLS_VERSIONS
+async def test_client_with_expired_certificate_is_refused(
+    rig: Rig, authority: Authority, tls_max: ssl.TLSVersion
+) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     expired = authority.issue(
         "expired", not_before=now - datetime.timedelta(days=2), lifetime=datetime.timedelta(hours=1)
     )
-    from cryptography import x509
-
     cert = x509.load_pem_x509_certificate(expired.cert_pem)
     assert cert.not_valid_after_utc < now
-    received, _ = await _refused(rig, _context(expired, authority.cert_pem, ["h2"]), poisoned_request())
+    ctx = _context(expired, authority.cert_pem, ["h2"])
+    ctx.maximum_version = tls_max
+    received, _ = await _refused(rig, ctx, poisoned_request())
     assert received == b""
+
+
+async def test_a_crowd_of_attackers_at_once(
+    rig: Rig, authority: Authority, client_credentials: Credentials
+) -> None:
+    no_cert = _context(None, authority.cert_pem, ["h2"])
+    evil = _context(Authority.create("evil").issue("x"), authority.cert_pem, ["h2"])
+    http1 = _context(client_credentials, client_credentials.ca_pem, ["http/1.1"])
+    rng = random.Random(7)
+    attacks = []
+    for i in range(30):
+        ctx = (no_cert, evil, http1, None)[i % 4]
+        payload = poisoned_request() if ctx is not None else rng.randbytes(3000)
+        attacks.append(exchange(rig.port, ctx, payload))
+    results = await asyncio.gather(*attacks, *(rig.good_call() for _ in range(10)))
+    peers = []
+    for i, (received, error, peer) in enumerate(results[:30]):
+        assert not isinstance(error, asyncio.TimeoutError)
+        if i % 4 != 3:  # TLS attackers get no application data back at all
+            assert received == b""
+        peers.append(peer)
+    await rig.check_after(*peers)
 
 
 @pytest.mark.parametrize("alpn", [["http/1.1"], []], ids=["alpn-http1.1", "no-alpn"])
@@ -212,9 +254,14 @@ class H2Peer:
         self.peer = writer.get_extra_info("sockname")
 
     @classmethod
-    async def connect(cls, port: int, creds: Credentials) -> H2Peer:
+    async def connect(cls, port: int, creds: Credentials, rcvbuf: int = 0) -> H2Peer:
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=creds.client_context(), server_hostname="127.0.0.1"
+            sock=sock, ssl=creds.client_context(), server_hostname="127.0.0.1"
         )
         assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
         return cls(reader, writer)
@@ -485,3 +532,27 @@ async def test_call_deadline_does_not_keep_a_closed_connection(
     await rig.check_after(h2peer.peer)
     gc.collect()
     assert ref() is None, gc.get_referrers(ref())
+
+
+async def test_peer_that_sends_but_never_reads_is_dropped(
+    rig: Rig, client_credentials: Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every PING makes the server owe an ACK; a peer that never reads them would otherwise make
+    # it buffer without bound. (The real bound is 128 MiB; a smaller one keeps the test quick.)
+    monkeypatch.setattr(connection_module, "MAX_WRITE_BACKLOG", 256 * 1024)
+    peer = await H2Peer.connect(rig.port, client_credentials, rcvbuf=4096)
+    try:
+        pings = frame(PING, 0, 0, b"12345678") * 5000
+        await peer.send(START)
+        await _wait_for_streams(rig, peer.peer, 0)
+        sent = 0
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while sent < 32 * 1024 * 1024:
+                await peer.send(pings)  # and never read
+                sent += len(pings)
+                if not any(c.peer == peer.peer for c in rig.server._connections):
+                    break
+        assert sent < 32 * 1024 * 1024, "the server kept buffering for a peer that does not read"
+    finally:
+        await peer.close()
+    await rig.check_after(peer.peer)

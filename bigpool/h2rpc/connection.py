@@ -50,6 +50,10 @@ MAX_HEADER_LIST_SIZE = 64 * 1024
 MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST_SIZE
 # Frames at least this big are written out at once rather than batched with others.
 EAGER_FLUSH_BYTES = 64 * 1024
+# Most we hold unsent for a peer that keeps sending but does not read (each PING or SETTINGS it
+# sends makes us owe it an ACK). Our DATA can never exceed the peer's flow-control window, so
+# legitimate traffic stays far below this.
+MAX_WRITE_BACKLOG = 2 * CONNECTION_WINDOW
 
 
 def _data_frame_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -364,6 +368,8 @@ class H2Connection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._write_paused and self._backlog_exceeded():
+            return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -373,6 +379,15 @@ class H2Connection(asyncio.Protocol):
         for event in events:
             self.handle_event(event)
         self.flush()
+
+    def _backlog_exceeded(self) -> bool:
+        transport = self.transport
+        if transport is None or transport.get_write_buffer_size() <= MAX_WRITE_BACKLOG:
+            return False
+        if self.closed is None:
+            self.closed = ProtocolError(f"{self.peer_name} sends but does not read; dropped")
+        transport.abort()  # close() would wait for the unread backlog to drain
+        return True
 
     def pause_writing(self) -> None:
         self._write_paused = True

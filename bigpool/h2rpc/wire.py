@@ -52,32 +52,28 @@ TRAILER_ERROR = b"bigrpc-error"
 # Longest method name a request may carry; a bound on what a peer can make us hold.
 MAX_METHOD_NAME = 1024
 
-# Simple values are pickled by the C pickler: dill's pure-Python pickler costs ~20x more and
-# adds nothing for them. Everything else (functions, classes from __main__, closures) uses dill.
-_PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray})
+def pickle_value(value: Any) -> tuple[bytes, bool]:
+    """(pickle, by_value) of a value for the wire.
 
-
-def _is_plain(value: Any, depth: int = 0) -> bool:
-    t = type(value)
-    if t in _PLAIN_TYPES:
-        return True
-    if depth > 2:
-        return False
-    if t is tuple or t is list:
-        return len(value) <= 64 and all(_is_plain(v, depth + 1) for v in value)
-    if t is dict:
-        return len(value) <= 64 and all(
-            _is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items()
-        )
-    return False
+    The C pickler is used when it can carry the value: dill's pure-Python pickler costs ~20x
+    more and adds nothing there. A pickle that refers to ``__main__`` would not load on
+    another machine, so such values (and lambdas, closures and the like, which the C pickler
+    refuses) go through dill, which copies them by value with the globals they use;
+    ``by_value`` says so.
+    """
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    else:
+        if b"__main__" not in data:
+            return data, False
+    return bytes(dill.dumps(value, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)), True
 
 
 def encode_value(value: Any) -> bytes:
-    """Pickle a value for the wire: the C pickler for plain data, dill for everything else."""
-    if _is_plain(value):
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    data: bytes = dill.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
+    """Pickle a value for the wire (see :func:`pickle_value`)."""
+    return pickle_value(value)[0]
 
 
 def decode_value(data: bytes | bytearray | memoryview) -> Any:

@@ -1,0 +1,214 @@
+"""A pool worker process: ``python -m bigpool._worker_main``, started by :mod:`bigpool.worker`.
+
+The machine's :class:`~bigpool.worker.PoolWorkerService` starts these and talks to each over
+two private pipes whose descriptors arrive in ``$BIGPOOL_WORKER_FDS`` (``"<read>,<write>"``):
+
+* machine -> worker, frames ``>I length + pickle``: first ``("init", initializer)`` where
+  ``initializer`` is ``None`` or the dill pickle of ``(callable, initargs)``; then any number
+  of ``("run", chunk_id, func_id, func_or_None, args, star)``. EOF means exit.
+* worker -> machine, frames ``>IBI`` (body length, kind, tasks run) + body: first one
+  :data:`MSG_READY` whose body is ``pickle((pid, encoded_initializer_error_or_None))``; then
+  one :data:`MSG_RESULT` per chunk, in the order the chunks came, whose body is already the
+  result record the driver reads: ``pickle((chunk_id, status, payload, info), protocol=5)``.
+
+The worker's ``stdin`` is ``/dev/null`` and its ``stdout`` is the machine's (line buffered, so a
+task's ``print`` reaches the machine's output line by line); its ``stderr`` is read by the
+machine, which forwards it and keeps the last lines to explain a death. The worker exits when
+its command pipe ends, and also when its parent changes (the machine died), so no worker
+outlives its machine. It ignores SIGINT: the machine alone decides when it stops.
+
+This module imports only the standard library and dill at start (the error encoder is loaded
+on the first error), so a worker starts as fast as the ``bigpool`` package allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+from typing import IO, Any
+
+import dill
+
+# Result status codes (see bigpool.worker, which re-exports them).
+OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED = 0, 1, 2, 3
+
+ENV_FDS = "BIGPOOL_WORKER_FDS"
+# Kinds of worker -> machine frames.
+MSG_READY = 1
+MSG_RESULT = 2
+LENGTH = struct.Struct(">I")
+# Worker -> machine frame header: body length, kind, number of tasks the chunk had.
+HEADER = struct.Struct(">IBI")
+# How often a worker checks that its parent is still the machine that started it.
+PARENT_CHECK_SECONDS = 0.2
+# Longest repr of an unpicklable value sent back in an ENCODE_ERROR record.
+MAX_REPR = 10_000
+
+
+def _encode_error(exc: BaseException) -> bytes:
+    from bigpool.h2rpc.errors import encode_error
+
+    return encode_error(exc)
+
+
+def _short_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<unrepresentable {type(value).__name__}: {exc!r}>"
+    if len(text) > MAX_REPR:
+        text = text[:MAX_REPR] + "...(cut)"
+    return text
+
+
+def dumps_result(value: object) -> bytes:
+    """Pickle a chunk's result: plain pickle when it can, else dill. Raises if neither can."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:
+        return bytes(dill.dumps(value, protocol=5))
+
+
+class LoadFailure:
+    """A function that could not be unpickled here: its encoded error, kept for every chunk."""
+
+    def __init__(self, encoded: bytes) -> None:
+        self.encoded = encoded
+
+
+def run_chunk(
+    chunk_id: int,
+    func: Any,
+    args: bytes,
+    star: bool,
+) -> tuple[bytes, int]:
+    """Run one chunk; its result record body (``pickle((chunk_id, status, payload, info))``)
+    and how many tasks it had.
+
+    ``func`` is the callable, or a :class:`LoadFailure` (the chunk then fails with its error).
+    Semantics are ``multiprocessing.pool``'s ``mapstar``/``starmapstar``: the result is the list
+    of return values, or the first exception raised (the whole chunk fails with it).
+    """
+    started = time.perf_counter()
+    ntasks = 0
+    status: int
+    payload: Any
+    if isinstance(func, LoadFailure):
+        info = {"pid": os.getpid(), "seconds": time.perf_counter() - started}
+        return pickle.dumps((chunk_id, TASK_ERROR, func.encoded, info), protocol=5), 0
+    try:
+        tasks = dill.loads(args)
+        ntasks = len(tasks)
+        result = [func(*t) for t in tasks] if star else [func(t[0]) for t in tasks]
+    except Exception as exc:
+        status, payload = TASK_ERROR, _encode_error(exc)
+    else:
+        try:
+            status, payload = OK, dumps_result(result)
+        except Exception as exc:
+            status, payload = ENCODE_ERROR, (_short_repr(exc), _short_repr(result))
+        del result
+    info = {"pid": os.getpid(), "seconds": time.perf_counter() - started}
+    return pickle.dumps((chunk_id, status, payload, info), protocol=5), ntasks
+
+
+def _read_frame(reader: IO[bytes]) -> Any:
+    """The next machine -> worker message, or ``None`` at EOF."""
+    header = reader.read(LENGTH.size)
+    if len(header) < LENGTH.size:
+        return None
+    (size,) = LENGTH.unpack(header)
+    body = reader.read(size)
+    if len(body) < size:
+        return None
+    return pickle.loads(body)
+
+
+def _send(writer: IO[bytes], kind: int, ntasks: int, body: bytes) -> None:
+    writer.write(HEADER.pack(len(body), kind, ntasks) + body)
+    writer.flush()
+
+
+def _watch_parent(ppid: int) -> None:
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_SECONDS)
+            if os.getppid() != ppid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="bigpool-worker-parent-watch", daemon=True).start()
+
+
+def _load_function(func_id: bytes, func: bytes | None, cache: dict[bytes, Any]) -> Any:
+    """The function for ``func_id`` (cached), or a :class:`LoadFailure` (cached too)."""
+    found = cache.get(func_id)
+    if found is not None:
+        return found
+    if func is None:
+        return LoadFailure(_encode_error(
+            LookupError(f"function {func_id!r} was never sent to this worker")))
+    try:
+        loaded = dill.loads(func)
+    except Exception as exc:
+        loaded = LoadFailure(_encode_error(exc))
+    cache[func_id] = loaded
+    return loaded
+
+
+def _exit(code: int) -> None:
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def main() -> None:
+    """Serve the machine until the command pipe ends (never returns: exits the process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ppid = os.getppid()
+    _watch_parent(ppid)
+    read_fd, write_fd = (int(fd) for fd in os.environ.pop(ENV_FDS).split(","))
+    os.set_inheritable(read_fd, False)
+    os.set_inheritable(write_fd, False)
+    with contextlib.suppress(Exception):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    reader = os.fdopen(read_fd, "rb")
+    writer = os.fdopen(write_fd, "wb")
+
+    first = _read_frame(reader)
+    if first is None:
+        _exit(0)
+    _, initializer = first
+    init_error: bytes | None = None
+    if initializer is not None:
+        try:
+            function, initargs = dill.loads(initializer)
+            function(*initargs)
+        except Exception as exc:
+            init_error = _encode_error(exc)
+    _send(writer, MSG_READY, 0, pickle.dumps((os.getpid(), init_error), protocol=5))
+
+    cache: dict[bytes, Any] = {}
+    while True:
+        message = _read_frame(reader)
+        if message is None:
+            break
+        _, chunk_id, func_id, func_bytes, args, star = message
+        func = _load_function(func_id, func_bytes, cache)
+        body, ntasks = run_chunk(chunk_id, func, args, star)
+        del message, args
+        _send(writer, MSG_RESULT, ntasks, body)
+    _exit(0)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:
+        _exit(0)  # the machine went away

@@ -1,0 +1,1210 @@
+"""BigPool: ``multiprocessing.Pool`` and ``concurrent.futures.Executor`` on machines.
+
+How a task travels::
+
+    caller thread                  B's event loop (one thread)              each machine
+    ─────────────                  ───────────────────────────              ────────────
+    map/apply/submit
+      │ pickle args into chunks
+      ▼
+    _Job ──chunks──> _Scheduler.pending ──> _Feed (one per machine) ──submit(batch)──> BigPoolWorker
+                                             │  keeps slots x depth chunks              │ worker
+                                             │  in flight, several per RPC              │ processes
+                                             ▼                                           ▼
+    get()/next() <── _Job._deliver <── results stream (records as chunks finish) <──────┘
+    callbacks run on the pool's callback thread
+
+* **Pipelining.** Each feed keeps ``maxprocs x depth`` chunks in flight on its machine, sent
+  together in one ``submit`` call while the previous call is under way. ``depth`` adapts to
+  how long chunks take: many tiny chunks are queued on a machine so no round trip is paid per
+  task; long chunks are not queued at all, so no slot idles while another holds a queue.
+* **Machine loss.** When a machine stops (keepalive failure, process killed) or a worker
+  process dies, the chunks it held go back to the front of the queue and run elsewhere, up to
+  ``retries`` times each; every chunk is delivered at most once (late records from a lost
+  machine are ignored). After that the task fails with :class:`TaskLostError` saying what
+  happened to the machine or worker.
+* **Laziness.** ``imap`` and ``imap_unordered`` read their input on a feeder thread, at most
+  a window of chunks ahead of the consumer, so an endless generator uses bounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import concurrent.futures.process
+import contextlib
+import hashlib
+import itertools
+import logging
+import math
+import multiprocessing
+import multiprocessing.pool
+import os
+import pickle
+import queue
+import struct
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import dill
+
+from .h2rpc import BigpoolError, StreamReader
+from .h2rpc.errors import decode_error
+from .h2rpc.wire import pickle_value
+from .machine import B, Machine, State
+from .machine import start as start_driver
+from .systems import System
+from .worker import (
+    ENCODE_ERROR,
+    OK,
+    SERVICE_NAME,
+    TASK_ERROR,
+    WORKER_DIED,
+    Chunk,
+    PoolWorkerService,
+)
+
+__all__ = ["BigPool", "BigPoolExecutor", "BrokenExecutor", "PoolTerminatedError", "TaskLostError"]
+
+# Chunks each slot may have queued on its machine at most, and the work (seconds) a slot's
+# queue should hold: enough to hide a round trip, little enough to rebalance quickly.
+MAX_DEPTH = 512
+QUEUED_SECONDS = 0.005
+# A chunk longer than this is never queued behind another on a machine: long tasks balance.
+LONG_CHUNK_SECONDS = 0.05
+# How many chunks an imap may read ahead of its consumer, per worker slot.
+IMAP_WINDOW_PER_SLOT = 64
+# Most tasks in one submit call (bounds the size of one request).
+MAX_BATCH = 1024
+# How long the pool waits for a machine to stop its worker processes at shutdown.
+WORKER_STOP_TIMEOUT = 10.0
+# How long a lost machine's chunks wait for its system to say how it died (retries wait too).
+LOSS_DIAGNOSIS_WAIT = 2.0
+
+_RECORD_HEADER = struct.Struct(">I")
+_log = logging.getLogger("bigpool.pool")
+# Not in typeshed; the stdlib's own class, so existing except clauses catch it.
+MaybeEncodingError: type[Exception] = getattr(multiprocessing.pool, "MaybeEncodingError")  # noqa: B009
+
+
+class BrokenExecutor(concurrent.futures.process.BrokenProcessPool):
+    """The pool can no longer run tasks (every machine is gone), or a task's worker died.
+
+    A ``concurrent.futures.process.BrokenProcessPool``, so existing ``except`` clauses work.
+    """
+
+
+class TaskLostError(BrokenExecutor):
+    """A task's machine or worker process died and its retries are used up.
+
+    ``machine`` is the address; the message says how it died (exit code or signal, OOM, the
+    last lines of its stderr).
+    """
+
+    def __init__(self, message: str, *, machine: str | None = None,
+                 exitcode: int | None = None, oom: bool = False) -> None:
+        super().__init__(message)
+        self.machine = machine
+        self.exitcode = exitcode
+        self.oom = oom
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_task_lost, (str(self), self.machine, self.exitcode, self.oom))
+
+
+def _rebuild_task_lost(message: str, machine: str | None, exitcode: int | None,
+                       oom: bool) -> TaskLostError:
+    return TaskLostError(message, machine=machine, exitcode=exitcode, oom=oom)
+
+
+class PoolTerminatedError(BigpoolError):
+    """The pool was terminated before this result arrived."""
+
+
+# encoding ---------------------------------------------------------------------------------------
+
+
+_dumps = pickle_value
+
+
+def dumps(value: Any) -> bytes:
+    """Pickle ``value`` for a machine (see :func:`bigpool.h2rpc.wire.pickle_value`)."""
+    return pickle_value(value)[0]
+
+
+class _Function:
+    """A function pickled once, with the id machines cache it by."""
+
+    __slots__ = ("__weakref__", "data", "id")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.id = hashlib.blake2b(data, digest_size=16).digest()
+
+
+# Functions pickled by reference pickle the same every time: remember them. (Functions copied
+# by value are pickled afresh, since the globals and closure cells they carry may change.)
+_by_reference: weakref.WeakKeyDictionary[Any, _Function] = weakref.WeakKeyDictionary()
+
+
+def _function(func: Callable[..., Any]) -> _Function:
+    try:
+        cached = _by_reference.get(func)
+    except TypeError:
+        cached = None
+    if cached is not None:
+        return cached
+    try:
+        data, by_value = _dumps(func)
+    except Exception as exc:
+        raise _EncodeError(exc) from exc
+    function = _Function(data)
+    if not by_value:
+        with contextlib.suppress(TypeError):
+            _by_reference[func] = function
+    return function
+
+
+class _EncodeError(Exception):
+    """Arguments or a function could not be pickled; ``cause`` is why."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+# jobs -------------------------------------------------------------------------------------------
+
+
+class _ChunkRef:
+    """One chunk of a job as the scheduler sees it."""
+
+    __slots__ = ("args", "attempts", "chunk_id", "func", "index", "job", "ntasks", "star")
+
+    def __init__(self, job: _Job, index: int, func: _Function, args: bytes, ntasks: int,
+                 star: bool, chunk_id: int) -> None:
+        self.job = job
+        self.index = index
+        self.func = func
+        self.args = args
+        self.ntasks = ntasks
+        self.star = star
+        self.attempts = 0
+        self.chunk_id = chunk_id
+
+
+class _Job:
+    """Something waiting for chunk results: an AsyncResult, an imap iterator or a Future."""
+
+    pool: BigPool | None
+
+    def start(self) -> bool:
+        """Called when a chunk is dispatched; False means the job was cancelled: skip it."""
+        return True
+
+    def deliver(self, index: int, success: bool, value: Any) -> None:
+        raise NotImplementedError
+
+    def abandon(self, exc: BaseException) -> None:
+        """The pool is gone: fail whatever is still waiting."""
+        raise NotImplementedError
+
+
+class ApplyResult(_Job):
+    """The result of ``apply_async``: ``multiprocessing.pool.AsyncResult``'s interface."""
+
+    def __init__(self, pool: BigPool, callback: Callable[[Any], object] | None,
+                 error_callback: Callable[[BaseException], object] | None) -> None:
+        self.pool = pool
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value: Any = None
+        self._done = False
+        self._lock = threading.Lock()
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _finish(self, success: bool, value: Any) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._success, self._value = success, value
+        callback = self._callback if success else self._error_callback
+        if callback is None or self.pool is None:
+            self._event.set()
+            self._release()
+        else:
+            self.pool._run_callback(self._call_back, callback)
+
+    def _call_back(self, callback: Callable[[Any], object]) -> None:
+        try:
+            callback(self._value)
+        finally:
+            self._event.set()
+            self._release()
+
+    def _release(self) -> None:
+        pool = self.pool
+        if pool is not None:
+            pool._job_done(self)
+            self.pool = None
+
+    def deliver(self, index: int, success: bool, value: Any) -> None:
+        if success:
+            value = value[0]
+        self._finish(success, value)
+
+    def abandon(self, exc: BaseException) -> None:
+        self._finish(False, exc)
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of ``map_async``: the list of results, or the first exception."""
+
+    def __init__(self, pool: BigPool, length: int, chunksize: int,
+                 callback: Callable[[Any], object] | None,
+                 error_callback: Callable[[BaseException], object] | None) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._chunksize = chunksize
+        self._results: list[Any] = [None] * length
+        self._left = math.ceil(length / chunksize) if length else 0
+        self._failure: BaseException | None = None
+        self._seen: set[int] = set()
+        if self._left == 0:
+            self._finish(True, [])
+
+    def deliver(self, index: int, success: bool, value: Any) -> None:
+        with self._lock:
+            if index in self._seen or self._done:
+                return
+            self._seen.add(index)
+            self._left -= 1
+            if success:
+                start = index * self._chunksize
+                self._results[start : start + len(value)] = value
+            elif self._failure is None:
+                self._failure = value
+            left = self._left
+        if left == 0:
+            if self._failure is None:
+                self._finish(True, self._results)
+            else:
+                self._finish(False, self._failure)
+
+
+class IMapIterator(_Job):
+    """The iterator ``imap`` returns: results in input order, ``next(timeout)``."""
+
+    def __init__(self, pool: BigPool, ordered: bool = True, whole_chunks: bool = False) -> None:
+        self.pool = pool
+        self._ordered = ordered
+        self._whole_chunks = whole_chunks
+        self._cond = threading.Condition()
+        self._items: collections.deque[tuple[bool, Any]] = collections.deque()
+        self._unsorted: dict[int, tuple[bool, Any]] = {}
+        self._index = 0
+        self._length: int | None = None
+        self._consumed = 0
+        self._seen: set[int] = set()
+
+    def __iter__(self) -> IMapIterator:
+        return self
+
+    def next(self, timeout: float | None = None) -> Any:
+        with self._cond:
+            if not self._items:
+                if self._index == self._length:
+                    self._release()
+                    raise StopIteration
+                self._cond.wait_for(lambda: bool(self._items) or self._index == self._length,
+                                    timeout)
+                if not self._items:
+                    if self._index == self._length:
+                        self._release()
+                        raise StopIteration
+                    raise multiprocessing.TimeoutError
+            success, value = self._items.popleft()
+            self._consumed += 1
+            self._cond.notify_all()
+        if success:
+            return value
+        raise value
+
+    __next__ = next
+
+    def _release(self) -> None:
+        pool = self.pool
+        if pool is not None:
+            pool._job_done(self)
+            self.pool = None
+
+    def deliver(self, index: int, success: bool, value: Any) -> None:
+        item = (success, value[0] if success and not self._whole_chunks else value)
+        with self._cond:
+            if index in self._seen:
+                return
+            self._seen.add(index)
+            if not self._ordered:
+                self._items.append(item)
+                self._index += 1
+            elif index == self._index:
+                self._items.append(item)
+                self._index += 1
+                while self._index in self._unsorted:
+                    self._items.append(self._unsorted.pop(self._index))
+                    self._index += 1
+            else:
+                self._unsorted[index] = item
+            self._cond.notify_all()
+            finished = self._index == self._length
+        if finished:
+            self._all_delivered()
+
+    def set_length(self, length: int) -> None:
+        with self._cond:
+            self._length = length
+            self._cond.notify_all()
+            finished = self._index == self._length
+        if finished:
+            self._all_delivered()
+
+    def _all_delivered(self) -> None:
+        # Every result is here (the consumer may not have read them): the pool's work is done.
+        pool = self.pool
+        if pool is not None:
+            pool._job_done(self)
+
+    def wait_for_room(self, produced: int, window: int) -> bool:
+        """Block the feeder until the consumer is within ``window`` items; False if gone."""
+        with self._cond:
+            while produced - self._consumed >= window:
+                if self.pool is None or self.pool._state != _RUN:
+                    return False
+                self._cond.wait(0.5)
+            return True
+
+    def abandon(self, exc: BaseException) -> None:
+        with self._cond:
+            self._items.append((False, exc))
+            self._length = self._index = (self._length or self._index) + 1
+            self._cond.notify_all()
+
+
+class IMapUnorderedIterator(IMapIterator):
+    def __init__(self, pool: BigPool, whole_chunks: bool = False) -> None:
+        super().__init__(pool, ordered=False, whole_chunks=whole_chunks)
+
+
+class _FutureJob(_Job):
+    """Feeds a ``concurrent.futures.Future`` (one task)."""
+
+    def __init__(self, pool: BigPool, future: concurrent.futures.Future[Any]) -> None:
+        self.pool = pool
+        self.future = future
+
+    def start(self) -> bool:
+        if self.future.set_running_or_notify_cancel():
+            return True
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool._job_done(self)
+        return False
+
+    def deliver(self, index: int, success: bool, value: Any) -> None:
+        pool = self.pool
+        self.pool = None
+        if pool is not None:
+            pool._job_done(self)
+            pool._run_callback(self._complete, (success, value))
+
+    def _complete(self, outcome: tuple[bool, Any]) -> None:
+        success, value = outcome
+        if self.future.done():
+            return
+        if success:
+            self.future.set_result(value[0])
+        else:
+            self.future.set_exception(value)
+
+    def abandon(self, exc: BaseException) -> None:
+        if self.future.cancel():
+            self.future.set_running_or_notify_cancel()
+            return
+        self.deliver(0, False, exc)
+
+
+# scheduling (runs on B's event loop) -------------------------------------------------------------
+
+_RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+
+class _Feed:
+    """Keeps one machine busy: submits batches, reads its results stream."""
+
+    def __init__(self, scheduler: _Scheduler, machine: Machine) -> None:
+        self.scheduler = scheduler
+        self.machine = machine
+        self.slots = max(1, machine.maxprocs)
+        self.in_flight: dict[int, _ChunkRef] = {}
+        self.sent_functions: set[bytes] = set()
+        self.chunk_seconds: float | None = None
+        self.alive = True
+        self.ready = False
+        self.wakeup = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def capacity(self) -> int:
+        t = self.chunk_seconds
+        if t is None:
+            depth = 2
+        elif t >= LONG_CHUNK_SECONDS:
+            depth = 1
+        else:
+            depth = max(2, min(MAX_DEPTH, 1 + math.ceil(QUEUED_SECONDS / max(t, 1e-6))))
+        return self.slots * depth
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._run())]
+
+    async def _run(self) -> None:
+        machine = self.machine
+        try:
+            await machine.wait_async(State.RUNNING)
+            if machine.state is not State.RUNNING:
+                raise machine.err() or BigpoolError(f"machine {machine.addr} stopped")
+            reader = await machine._call(f"{SERVICE_NAME}.results", None, None)
+            assert isinstance(reader, StreamReader)
+            self.ready = True
+            sender = asyncio.get_running_loop().create_task(self._send_loop())
+            self.tasks.append(sender)
+            try:
+                await self._read_loop(reader)
+            finally:
+                sender.cancel()
+                reader.close()
+        except asyncio.CancelledError:
+            self.alive = False
+            return
+        except BaseException as exc:
+            # A crashed machine breaks its stream a moment before its system says how it
+            # died; wait for that (briefly) so the error can name the exit code or signal.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(machine.wait_async(State.STOPPED), LOSS_DIAGNOSIS_WAIT)
+            self.scheduler.feed_lost(self, exc)
+            return
+        self.scheduler.feed_lost(self, BigpoolError(f"machine {machine.addr} ended its results"))
+
+    async def _send_loop(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            batch: list[Chunk] = []
+            room = self.capacity - len(self.in_flight)
+            while room > 0 and len(batch) < MAX_BATCH:
+                ref = scheduler.take()
+                if ref is None:
+                    break
+                if not ref.job.start():
+                    continue
+                self.in_flight[ref.chunk_id] = ref
+                fid = ref.func.id
+                func = None
+                if fid not in self.sent_functions:
+                    self.sent_functions.add(fid)
+                    func = ref.func.data
+                batch.append(Chunk(ref.chunk_id, fid, func, ref.args, ref.star))
+                room -= 1
+            if not batch:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            try:
+                await self.machine._call(f"{SERVICE_NAME}.submit", batch, None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                # The machine is unusable: whatever it holds goes back to the queue.
+                self.scheduler.feed_lost(self, exc)
+                return
+
+    async def _read_loop(self, reader: StreamReader) -> None:
+        buffer = bytearray()
+        header = _RECORD_HEADER.size
+        while True:
+            data = await reader.read_chunk()
+            if not data:
+                return
+            buffer += data
+            offset = 0
+            while len(buffer) - offset >= header:
+                (size,) = _RECORD_HEADER.unpack_from(buffer, offset)
+                if len(buffer) - offset - header < size:
+                    break
+                body = bytes(buffer[offset + header : offset + header + size])
+                offset += header + size
+                self._record(pickle.loads(body))
+            del buffer[:offset]
+
+    def _record(self, record: tuple[int, int, Any, dict[str, Any]]) -> None:
+        chunk_id, status, payload, info = record
+        ref = self.in_flight.pop(chunk_id, None)
+        if ref is None or not self.alive:
+            return
+        seconds = info.get("seconds") if isinstance(info, dict) else None
+        if isinstance(seconds, int | float):
+            t = float(seconds)
+            self.chunk_seconds = t if self.chunk_seconds is None else 0.8 * self.chunk_seconds + 0.2 * t
+        self.wakeup.set()
+        if status == OK:
+            try:
+                value = dill.loads(payload)
+            except Exception as exc:
+                self.scheduler.complete(ref, False, exc)
+                return
+            self.scheduler.complete(ref, True, value)
+        elif status == TASK_ERROR:
+            self.scheduler.complete(ref, False, decode_error(payload))
+        elif status == ENCODE_ERROR:
+            exc_text, value_text = payload
+            self.scheduler.complete(
+                ref, False, MaybeEncodingError(exc_text, value_text)
+            )
+        elif status == WORKER_DIED:
+            details = payload if isinstance(payload, dict) else {}
+            message = str(details.get("message") or "a worker process died running the task")
+            error = TaskLostError(
+                f"on machine {self.machine.addr}: {message}",
+                machine=self.machine.addr,
+                exitcode=details.get("exitcode"),
+                oom=bool(details.get("oom")),
+            )
+            self.scheduler.retry(ref, error)
+        else:
+            self.scheduler.complete(ref, False, BigpoolError(f"unknown result status {status}"))
+
+    def stop(self) -> None:
+        self.alive = False
+        for task in self.tasks:
+            task.cancel()
+
+
+class _Scheduler:
+    """The queue of chunks and the feeds that drain it; lives on B's loop."""
+
+    def __init__(self, pool: BigPool, retries: int) -> None:
+        self.pool = pool
+        self.retries = retries
+        self.pending: collections.deque[_ChunkRef] = collections.deque()
+        self.feeds: list[_Feed] = []
+        self.lost: list[tuple[str, BaseException]] = []
+
+    def add_machine(self, machine: Machine) -> None:
+        feed = _Feed(self, machine)
+        self.feeds.append(feed)
+        feed.start()
+
+    def add(self, refs: list[_ChunkRef]) -> None:
+        if not self.feeds:
+            self._fail_all(self._broken_error())
+            for ref in refs:
+                ref.job.abandon(self._broken_error())
+            return
+        self.pending.extend(refs)
+        self._wake()
+
+    def take(self) -> _ChunkRef | None:
+        return self.pending.popleft() if self.pending else None
+
+    def _wake(self) -> None:
+        for feed in self.feeds:
+            if feed.ready and len(feed.in_flight) < feed.capacity:
+                feed.wakeup.set()
+
+    def complete(self, ref: _ChunkRef, success: bool, value: Any) -> None:
+        try:
+            ref.job.deliver(ref.index, success, value)
+        except Exception:
+            _log.exception("delivering a result failed")
+
+    def retry(self, ref: _ChunkRef, error: BaseException) -> None:
+        ref.attempts += 1
+        if ref.attempts > self.retries:
+            self.complete(ref, False, error)
+            return
+        self.pending.appendleft(ref)
+        self._wake()
+
+    def feed_lost(self, feed: _Feed, exc: BaseException) -> None:
+        if not feed.alive and feed not in self.feeds:
+            return
+        feed.alive = False
+        if feed in self.feeds:
+            self.feeds.remove(feed)
+        machine = feed.machine
+        reason = machine.err() or exc
+        self.lost.append((machine.addr, reason))
+        error = TaskLostError(
+            f"machine {machine.addr} was lost: {type(reason).__name__}: {reason}",
+            machine=machine.addr,
+            exitcode=getattr(reason, "returncode", None),
+        )
+        refs = sorted(feed.in_flight.values(), key=lambda r: r.chunk_id, reverse=True)
+        feed.in_flight.clear()
+        for ref in refs:
+            self.retry(ref, error)
+        feed.stop()
+        if machine.state is not State.STOPPED:
+            machine.cancel()
+        if not self.feeds:
+            self._fail_all(self._broken_error())
+
+    def _broken_error(self) -> BrokenExecutor:
+        if self.lost:
+            addr, reason = self.lost[-1]
+            return BrokenExecutor(
+                f"every machine of the pool is gone (last: {addr}: {type(reason).__name__}: "
+                f"{reason})"
+            )
+        return BrokenExecutor("the pool has no machines")
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while self.pending:
+            ref = self.pending.popleft()
+            self.complete(ref, False, exc)
+        self.pool._broken = exc
+
+
+# the pool ---------------------------------------------------------------------------------------
+
+
+class _KwCall:
+    """A picklable ``func(*args, **kwargs)`` for tasks with keyword arguments."""
+
+    def __init__(self, func: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+        self.func = func
+        self.kwargs = dict(kwargs)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.func(*args, **self.kwargs)
+
+
+def _machines_for(processes: int, maxprocs: int) -> int:
+    return max(1, math.ceil(processes / maxprocs))
+
+
+class BigPool:
+    """A process pool whose workers live on machines: ``multiprocessing.Pool``'s interface.
+
+    ``processes`` is the number of worker slots in all (default: this host's CPU count); on
+    the local system that is that many machines of one worker process each. ``system`` is a
+    system name or object; ``system_options`` go to its constructor. ``services`` are
+    installed on every machine beside the pool's own (``p.machines`` gives the machines for
+    direct calls). A task whose machine or worker dies is run again elsewhere up to
+    ``retries`` times.
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        *,
+        system: str | System = "local",
+        services: Mapping[str, object] | None = None,
+        retries: int = 3,
+        **system_options: Any,
+    ) -> None:
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if not isinstance(processes, int) or isinstance(processes, bool):
+            raise TypeError(f"processes must be an integer, not {type(processes).__name__}")
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
+        self._processes = processes
+        self._state = _RUN
+        self._broken: BaseException | None = None
+        self._jobs: set[_Job] = set()
+        self._jobs_lock = threading.Lock()
+        self._jobs_empty = threading.Condition(self._jobs_lock)
+        self._chunk_ids = itertools.count()
+        self._callbacks: queue.SimpleQueue[tuple[Callable[[Any], None], Any] | None] = (
+            queue.SimpleQueue()
+        )
+        self._callback_thread = threading.Thread(
+            target=self._callback_loop, name="bigpool-callbacks", daemon=True
+        )
+        self._callback_thread.start()
+        self._b: B | None = None
+        try:
+            self._b = start_driver(system, **system_options)
+            maxprocs = self._b.system.maxprocs()
+            count = _machines_for(processes, maxprocs)
+            initializer_data = None
+            if initializer is not None:
+                initializer_data = bytes(dill.dumps((initializer, tuple(initargs)), recurse=True))
+            worker = PoolWorkerService(min(processes, maxprocs), initializer_data,
+                                       maxtasksperchild)
+            all_services: dict[str, object] = {SERVICE_NAME: worker}
+            for name, obj in (services or {}).items():
+                if name == SERVICE_NAME:
+                    raise ValueError(f"the service name {SERVICE_NAME!r} is used by BigPool")
+                all_services[name] = obj
+            self._scheduler = _Scheduler(self, retries)
+            self._machines = self._b.start(count, services=all_services)
+            self._b._run(self._attach(self._machines))
+            self._wait_first_machine()
+        except BaseException:
+            self._shutdown_machines()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<BigPool state={self._state} processes={self._processes}>"
+
+    async def _attach(self, machines: list[Machine]) -> None:
+        for machine in machines:
+            self._scheduler.add_machine(machine)
+
+    def _wait_first_machine(self) -> None:
+        """Return once a machine is RUNNING; raise the first machine's error if none comes up."""
+        for machine in self._machines:
+            machine.wait(State.RUNNING, timeout=self._b.boot_timeout if self._b else None)
+            if machine.state is State.RUNNING:
+                return
+        err = self._machines[0].err()
+        raise BrokenExecutor(f"no machine of the pool could start: {type(err).__name__}: {err}") from err
+
+    @property
+    def machines(self) -> list[Machine]:
+        """The pool's machines, for direct ``machine.call`` to services passed in ``services``."""
+        return list(self._machines)
+
+    @property
+    def b(self) -> B:
+        assert self._b is not None
+        return self._b
+
+    # callbacks --------------------------------------------------------------------------------
+
+    async def _stop_workers(self) -> None:
+        """Stop the feeds, then every machine's worker processes (before the machines go)."""
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is None:
+            return
+        for feed in list(scheduler.feeds):
+            feed.stop()
+        running = [m for m in getattr(self, "_machines", []) if m.state is State.RUNNING]
+        await asyncio.gather(
+            *(m._call_now(f"{SERVICE_NAME}.shutdown_workers", None, WORKER_STOP_TIMEOUT)
+              for m in running),
+            return_exceptions=True,
+        )
+
+    def _callback_loop(self) -> None:
+        while True:
+            item = self._callbacks.get()
+            if item is None:
+                return
+            function, arg = item
+            try:
+                function(arg)
+            except Exception:
+                import traceback
+
+                traceback.print_exc()
+
+    def _run_callback(self, function: Callable[[Any], None], arg: Any) -> None:
+        self._callbacks.put((function, arg))
+
+    # job bookkeeping ----------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != _RUN:
+            raise ValueError("Pool not running")
+
+    def _job_added(self, job: _Job) -> None:
+        with self._jobs_lock:
+            self._jobs.add(job)
+
+    def _job_done(self, job: _Job) -> None:
+        with self._jobs_lock:
+            self._jobs.discard(job)
+            if not self._jobs:
+                self._jobs_empty.notify_all()
+
+    def _submit(self, refs: list[_ChunkRef]) -> None:
+        if self._broken is not None:
+            for ref in refs:
+                ref.job.abandon(self._broken)
+            return
+        assert self._b is not None
+        self._b._loop.call_soon_threadsafe(self._scheduler.add, refs)
+
+    def _chunk(self, job: _Job, index: int, func: _Function, tasks: list[tuple[Any, ...]],
+               star: bool) -> _ChunkRef:
+        args = dumps(tasks)
+        return _ChunkRef(job, index, func, args, len(tasks), star, next(self._chunk_ids))
+
+    # the multiprocessing.Pool interface ---------------------------------------------------------
+
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
+              kwds: Mapping[str, Any] | None = None) -> Any:
+        """``func(*args, **kwds)`` on a worker; blocks until its result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> ApplyResult:
+        """Run ``func(*args, **kwds)`` on a worker; an :class:`ApplyResult` for its result."""
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        self._job_added(result)
+        target = _KwCall(func, kwds) if kwds else func
+        try:
+            ref = self._chunk(result, 0, _function(target), [tuple(args)], star=True)
+        except Exception as exc:
+            result._finish(False, exc.cause if isinstance(exc, _EncodeError) else exc)
+            return result
+        self._submit([ref])
+        return result
+
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+            chunksize: int | None = None) -> list[Any]:
+        """``list(map(func, iterable))`` over the workers, in order."""
+        results: list[Any] = self._map_async(func, iterable, False, chunksize).get()
+        return results
+
+    def map_async(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult:
+        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+
+    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                chunksize: int | None = None) -> list[Any]:
+        """Like :meth:`map`, calling ``func(*args)`` for each ``args`` in ``iterable``."""
+        results: list[Any] = self._map_async(func, iterable, True, chunksize).get()
+        return results
+
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult:
+        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        star: bool,
+        chunksize: int | None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult:
+        self._check_running()
+        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        items = list(items)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._processes * 4)
+            if extra:
+                chunksize += 1
+        if len(items) == 0:
+            chunksize = 0
+        elif chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+        result = MapResult(self, len(items), max(chunksize, 1), callback, error_callback)
+        if not items:
+            return result
+        self._job_added(result)
+        try:
+            function = _function(func)
+            refs = []
+            for index, start in enumerate(range(0, len(items), chunksize)):
+                tasks = items[start : start + chunksize]
+                refs.append(self._chunk(result, index, function,
+                                        [tuple(t) for t in tasks] if star else [(t,) for t in tasks],
+                                        star=True))
+        except Exception as exc:
+            result._finish(False, exc.cause if isinstance(exc, _EncodeError) else exc)
+            return result
+        self._submit(refs)
+        return result
+
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+             chunksize: int = 1) -> Iterator[Any]:
+        """Like :meth:`map`, lazily: reads ``iterable`` only a window ahead of the consumer."""
+        return self._imap(func, iterable, chunksize, ordered=True)
+
+    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+                       chunksize: int = 1) -> Iterator[Any]:
+        """Like :meth:`imap`, yielding results as they finish."""
+        return self._imap(func, iterable, chunksize, ordered=False)
+
+    def _imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int,
+              ordered: bool) -> Iterator[Any]:
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        whole = chunksize > 1
+        result = IMapIterator(self, whole_chunks=whole) if ordered else IMapUnorderedIterator(
+            self, whole_chunks=whole
+        )
+        self._job_added(result)
+        function = _function(func)
+        feeder = threading.Thread(
+            target=self._feed_imap,
+            args=(weakref.ref(result), function, iter(iterable), chunksize),
+            name="bigpool-imap-feeder",
+            daemon=True,
+        )
+        feeder.start()
+        if chunksize == 1:
+            return result
+        return (item for chunk in result for item in chunk)
+
+    def _feed_imap(self, result_ref: weakref.ReferenceType[IMapIterator], function: _Function,
+                   iterator: Iterator[Any], chunksize: int) -> None:
+        window = IMAP_WINDOW_PER_SLOT * self._processes
+        index = 0
+        while True:
+            result = result_ref()
+            if result is None or self._state == _TERMINATE:
+                return
+            if not result.wait_for_room(index, window):
+                return
+            tasks: list[tuple[Any, ...]] = []
+            failure: BaseException | None = None
+            try:
+                for item in itertools.islice(iterator, chunksize):
+                    tasks.append((item,))
+            except Exception as exc:
+                # As the stdlib: items read before the error in a partial chunk are dropped,
+                # and the error takes the next position.
+                failure = exc
+                tasks = []
+            if tasks:
+                try:
+                    ref = self._chunk(result, index, function, tasks, star=True)
+                except Exception as exc:
+                    result.deliver(index, False, exc.cause if isinstance(exc, _EncodeError) else exc)
+                else:
+                    self._submit([ref])
+                index += 1
+            if failure is not None:
+                result.deliver(index, False, failure)
+                result.set_length(index + 1)
+                return
+            if len(tasks) < chunksize:
+                result.set_length(index)
+                return
+            del result
+
+    def close(self) -> None:
+        """Accept no more tasks; workers exit once the submitted ones are done (see join)."""
+        if self._state == _RUN:
+            self._state = _CLOSE
+
+    def terminate(self) -> None:
+        """Stop at once: pending results fail with :class:`PoolTerminatedError`."""
+        if self._state == _TERMINATE:
+            return
+        self._state = _TERMINATE
+        error = PoolTerminatedError("the pool was terminated")
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.abandon(error)
+        self._shutdown_machines()
+
+    def join(self) -> None:
+        """Wait for every submitted task (after close or terminate), then stop the machines."""
+        if self._state == _RUN:
+            raise ValueError("Pool is still running")
+        with self._jobs_lock:
+            while self._jobs and self._state != _TERMINATE:
+                self._jobs_empty.wait(0.5)
+        self._shutdown_machines()
+
+    def _shutdown_machines(self) -> None:
+        b, self._b = self._b, None
+        if b is not None:
+            try:
+                b._run(self._stop_workers(), timeout=WORKER_STOP_TIMEOUT + 5)
+            except Exception:
+                _log.debug("stopping the pool's workers failed", exc_info=True)
+            b.shutdown()
+        if self._callback_thread.is_alive():
+            self._callbacks.put(None)
+            if threading.current_thread() is not self._callback_thread:
+                self._callback_thread.join(10)
+
+    def __enter__(self) -> BigPool:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.terminate()
+
+    def __del__(self) -> None:
+        if getattr(self, "_b", None) is not None and getattr(self, "_state", None) == _RUN:
+            import warnings
+
+            warnings.warn(f"unclosed BigPool {self!r}", ResourceWarning, stacklevel=1)
+
+
+class BigPoolExecutor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` whose workers live on machines.
+
+    Hands out real ``concurrent.futures.Future`` objects, so ``wait`` and ``as_completed``
+    work. ``max_workers`` is the number of worker slots (default: this host's CPU count).
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        max_tasks_per_child: int | None = None,
+        system: str | System = "local",
+        services: Mapping[str, object] | None = None,
+        retries: int = 3,
+        **system_options: Any,
+    ) -> None:
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError(f"max_workers must be an integer, not {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None and (
+            not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1
+        ):
+            raise ValueError("max_tasks_per_child must be >= 1")
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._futures: weakref.WeakSet[concurrent.futures.Future[Any]] = weakref.WeakSet()
+        try:
+            self._pool = BigPool(max_workers, initializer, initargs, max_tasks_per_child,
+                                 system=system, services=services, retries=retries,
+                                 **system_options)
+        except BrokenExecutor:
+            raise
+        except BigpoolError as exc:
+            raise BrokenExecutor(f"the executor could not start: {exc}") from exc
+
+    @property
+    def machines(self) -> list[Machine]:
+        return self._pool.machines
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        with self._shutdown_lock:
+            if self._pool._broken is not None:
+                raise BrokenExecutor(str(self._pool._broken))
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            job = _FutureJob(self._pool, future)
+            self._pool._job_added(job)
+            target = _KwCall(fn, kwargs) if kwargs else fn
+            try:
+                ref = self._pool._chunk(job, 0, _function(target), [args], star=True)
+            except Exception as exc:
+                job.deliver(0, False, exc.cause if isinstance(exc, _EncodeError) else exc)
+                return future
+            self._futures.add(future)
+            self._pool._submit([ref])
+            return future
+
+    submit.__doc__ = concurrent.futures.Executor.submit.__doc__
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunked(zip(*iterables, strict=False), chunksize)
+        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
+
+    map.__doc__ = concurrent.futures.Executor.map.__doc__
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+            if cancel_futures:
+                for future in list(self._futures):
+                    future.cancel()
+        if wait:
+            self._pool.close()
+            self._pool.join()
+        else:
+            threading.Thread(target=self._finish_later, name="bigpool-executor-shutdown",
+                             daemon=True).start()
+
+    shutdown.__doc__ = concurrent.futures.Executor.shutdown.__doc__
+
+    def _finish_later(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+
+def _chunked(iterable: Iterable[Any], size: int) -> Iterator[tuple[Any, ...]]:
+    iterator = iter(iterable)
+    while chunk := tuple(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+Pool = BigPool

@@ -1,0 +1,770 @@
+"""The machine side of :class:`bigpool.BigPool`: a service that runs task chunks in worker
+processes and streams their results back.
+
+Every machine of a pool serves a :class:`PoolWorkerService` under :data:`SERVICE_NAME`. The
+driver sends it batches of :class:`Chunk` (``submit``), reads one long-lived streamed reply of
+result records (``results``), may drop queued chunks (``cancel``) and finally stops the workers
+(``shutdown_workers``). Inside the machine, chunks wait in a FIFO; each idle worker process
+takes the next one. Workers are ``python -m bigpool._worker_main`` subprocesses (never forks
+of the machine, which has threads and an event loop), driven over private pipes from the
+machine's event loop without blocking it.
+
+Result records (the ``results`` stream): ``struct.pack(">I", len(body)) + body`` with
+``body = pickle.dumps((chunk_id, status, payload, info), protocol=5)``; one yielded bytes
+object holds one or more whole records. ``status`` and ``payload``:
+
+* :data:`OK`: ``bytes``, the pickle (or dill pickle) of the chunk's list of results, made in
+  the worker; load it with ``dill.loads``. The machine never unpickles user data.
+* :data:`TASK_ERROR`: ``bytes``, :func:`bigpool.h2rpc.errors.encode_error` of the first
+  exception a task raised (or of the failure to unpickle the function or the arguments, or of
+  a replacement worker's initializer failure); rebuild it with ``decode_error``.
+* :data:`ENCODE_ERROR`: ``(repr(exception), repr(value))``: the result could not be pickled.
+* :data:`WORKER_DIED`: a dict ``{"pid", "exitcode", "signal", "oom", "stderr_tail",
+  "message"}``: the worker process died while running the chunk (it is replaced).
+
+``info`` is ``{"pid": worker_pid, "seconds": time the chunk took}`` (``pid`` is ``None`` for a
+record the machine made without a worker).
+
+This module runs on machines; it imports :mod:`bigpool.h2rpc` and the standard library only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ._worker_main import (
+    ENCODE_ERROR,
+    ENV_FDS,
+    HEADER,
+    LENGTH,
+    MSG_READY,
+    MSG_RESULT,
+    OK,
+    TASK_ERROR,
+    WORKER_DIED,
+)
+from .h2rpc.errors import decode_error, encode_error
+
+__all__ = [
+    "ENCODE_ERROR",
+    "OK",
+    "SERVICE_NAME",
+    "TASK_ERROR",
+    "WORKER_DIED",
+    "Chunk",
+    "PoolWorkerService",
+    "WorkerStartError",
+]
+
+SERVICE_NAME = "BigPoolWorker"
+
+# Lines of a worker's stderr kept to explain its death.
+STDERR_TAIL_LINES = 20
+# How long the first workers may take to start and run the initializer.
+START_TIMEOUT = 60.0
+# How long workers get to exit after SIGTERM (shutdown) before they are killed.
+TERMINATE_GRACE = 2.0
+# How often the service checks that its workers are alive (EOF on their pipe is the main way).
+POLL_SECONDS = 0.5
+# Largest batch of records one yield of the results stream carries (whole records; one
+# record larger than this goes alone).
+MAX_YIELD_BYTES = 1 << 20
+# A worker whose last chunk took less than this is sent its next chunk while it runs the
+# current one (one-deep prefetch), hiding the round trip for tiny chunks. Longer chunks are
+# sent one at a time, so a queued chunk never waits behind a long one while a worker idles.
+PREFETCH_BELOW_SECONDS = 0.005
+# How many chunks such a worker may hold at once (running + sent ahead).
+PREFETCH_DEPTH = 2
+# Backoff for replacing workers that die before they are ready (a broken environment).
+RESPAWN_BACKOFF_INITIAL = 0.1
+RESPAWN_BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk of tasks, sent by the driver in :meth:`PoolWorkerService.submit` batches.
+
+    ``func`` (the dill pickle of the function) must come with, or before, the first chunk using
+    ``func_id`` on a machine; later chunks may send ``None``. ``args`` is a pickle (plain or
+    dill) of a list of argument tuples; ``star`` chooses ``func(*t)`` over ``func(t[0])``.
+    """
+
+    chunk_id: int
+    func_id: bytes
+    func: bytes | None
+    args: bytes
+    star: bool
+
+
+class WorkerStartError(RuntimeError):
+    """The worker processes could not start, or their initializer failed (``__cause__``)."""
+
+
+def _record(chunk_id: int, status: int, payload: Any, info: dict[str, Any]) -> bytes:
+    body = pickle.dumps((chunk_id, status, payload, info), protocol=5)
+    return LENGTH.pack(len(body)) + body
+
+
+def _oom_kill_count() -> int | None:
+    """The OOM killer's kill counter of this process's memory cgroup (best effort)."""
+    candidates = ["/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"]
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                parts = line.strip().split(":", 2)
+                if len(parts) == 3 and parts[0] == "0" and parts[2] not in ("", "/"):
+                    candidates.insert(0, f"/sys/fs/cgroup{parts[2]}/memory.events")
+    except OSError:
+        pass
+    for path in candidates:
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    entries = [os.path.abspath(p or os.curdir) for p in sys.path if os.path.isdir(p or os.curdir)]
+    if env.get("PYTHONPATH"):
+        entries.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(entries))
+    return env
+
+
+class _Worker:
+    """The machine's record of one worker process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], replacement: bool) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.replacement = replacement
+        self.transport: asyncio.WriteTransport | None = None
+        self.read_transports: list[asyncio.BaseTransport] = []
+        self.ready: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self.init_error: bytes | None = None
+        self.func_ids: set[bytes] = set()
+        # Chunks sent and not answered, oldest (running) first, with when they were sent.
+        self.inflight: collections.deque[tuple[Chunk, float]] = collections.deque()
+        self.tasks_done = 0
+        self.last_seconds = float("inf")
+        self.last_result_at = 0.0
+        self.retiring = False
+        self.gone = False
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.stderr_done = asyncio.get_running_loop().create_future()
+        self.oom_before = _oom_kill_count()
+
+    def __repr__(self) -> str:
+        return f"<worker {self.pid} inflight={len(self.inflight)} tasks={self.tasks_done}>"
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        assert self.transport is not None
+        frame = pickle.dumps(message, protocol=5)
+        self.transport.writelines([LENGTH.pack(len(frame)), frame])
+
+    def close_input(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def close_pipes(self) -> None:
+        self.close_input()
+        for transport in self.read_transports:
+            if not transport.is_closing():
+                transport.close()
+
+
+class _ResultProtocol(asyncio.Protocol):
+    """Reads a worker's frames; EOF means the worker is gone."""
+
+    def __init__(self, service: PoolWorkerService, worker: _Worker) -> None:
+        self._service = service
+        self._worker = worker
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset = 0
+        end = len(buffer)
+        service, worker = self._service, self._worker
+        while end - offset >= HEADER.size:
+            size, kind, ntasks = HEADER.unpack_from(buffer, offset)
+            start = offset + HEADER.size
+            if end - start < size:
+                break
+            body = bytes(buffer[start : start + size])
+            offset = start + size
+            if kind == MSG_RESULT:
+                service._on_result(worker, ntasks, body)
+            elif kind == MSG_READY:
+                service._on_ready(worker, body)
+        if offset:
+            del buffer[:offset]
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._service._on_gone(self._worker)
+
+
+class _StderrProtocol(asyncio.Protocol):
+    """Forwards a worker's stderr to the machine's, line by line, keeping the last lines."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self._worker = worker
+        self._partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        if lines:
+            self._emit(lines)
+
+    def _emit(self, lines: list[bytes]) -> None:
+        text = [line.decode("utf-8", "replace") + "\n" for line in lines]
+        self._worker.stderr_tail.extend(text)
+        with contextlib.suppress(Exception):
+            sys.stderr.write("".join(text))
+            sys.stderr.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._partial:
+            self._emit([self._partial])
+            self._partial = b""
+        if not self._worker.stderr_done.done():
+            self._worker.stderr_done.set_result(None)
+
+
+class _InputProtocol(asyncio.Protocol):
+    pass
+
+
+class PoolWorkerService:
+    """Runs task chunks in ``processes`` worker processes on its machine.
+
+    ``initializer`` is ``None`` or the dill pickle of ``(callable, initargs)``, run once in
+    every worker process (also in replacements). ``maxtasksperchild``: a worker that has run
+    that many tasks (not chunks) exits after its chunk and is replaced by a new process.
+
+    The object is pickled on the driver and used on the machine: only this configuration
+    travels; the processes and queues are made by :meth:`init` on the machine.
+    """
+
+    def __init__(
+        self,
+        processes: int,
+        initializer: bytes | None = None,
+        maxtasksperchild: int | None = None,
+    ) -> None:
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+            raise ValueError(f"processes must be a positive integer, not {processes!r}")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild < 1
+        ):
+            raise ValueError(
+                f"maxtasksperchild must be None or a positive integer, not {maxtasksperchild!r}"
+            )
+        if initializer is not None and not isinstance(initializer, bytes):
+            raise TypeError("initializer must be the dill pickle of (callable, initargs) or None")
+        self.processes = processes
+        self.initializer = initializer
+        self.maxtasksperchild = maxtasksperchild
+        self._setup()
+
+    def _setup(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: list[_Worker] = []  # live, not retiring
+        self._all: set[_Worker] = set()  # every process not yet reaped
+        self._queue: collections.deque[Chunk] = collections.deque()
+        self._funcs: dict[bytes, bytes] = {}
+        self._records: collections.deque[bytes] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._consumer = 0
+        self._closed = False
+        self._done = 0
+        self._restarts = 0
+        self._respawn_backoff = 0.0
+        self._monitor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._env: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "processes": self.processes,
+            "initializer": self.initializer,
+            "maxtasksperchild": self.maxtasksperchild,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.processes = state["processes"]
+        self.initializer = state["initializer"]
+        self.maxtasksperchild = state["maxtasksperchild"]
+        self._setup()
+
+    # service methods ----------------------------------------------------------------------
+
+    async def init(self, b: object) -> None:
+        """Start the worker processes and wait until each is ready (initializer done).
+
+        Raises :class:`WorkerStartError` if a worker cannot start or exits first, if the
+        initializer raises (its exception is the ``__cause__``), or after
+        :data:`START_TIMEOUT` seconds; the workers already started are then stopped.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._env = _worker_env()
+        try:
+            for _ in range(self.processes):
+                await self._spawn(replacement=False)
+            workers = list(self._workers)
+            _, pending = await asyncio.wait(
+                [w.ready for w in workers], timeout=START_TIMEOUT,
+                return_when=asyncio.FIRST_EXCEPTION,
+            )
+            failed = [w for w in workers if w.ready.done() and w.ready.exception() is not None]
+            if failed:
+                raise failed[0].ready.exception()  # type: ignore[misc]
+            if pending:
+                raise WorkerStartError(
+                    f"{len(pending)} of {len(workers)} worker processes were not ready "
+                    f"after {START_TIMEOUT:g}s"
+                )
+            for w in workers:
+                exc = w.ready.exception()
+                if exc is not None:
+                    raise exc
+                error = w.ready.result()
+                if error is not None:
+                    cause = decode_error(error)
+                    raise WorkerStartError(
+                        f"the pool initializer failed in worker process {w.pid}: "
+                        f"{type(cause).__name__}: {cause}"
+                    ) from cause
+        except BaseException:
+            await self.shutdown_workers()
+            raise
+        self._monitor = self._loop.create_task(self._watch())
+
+    async def submit(self, batch: list[Chunk]) -> int:
+        """Queue ``batch``'s chunks (FIFO) and return at once how many were queued.
+
+        Their results come later on the :meth:`results` stream. Raises ``RuntimeError`` after
+        :meth:`shutdown_workers`, and ``TypeError`` for anything but a list of :class:`Chunk`.
+        """
+        if self._closed or self._loop is None:
+            raise RuntimeError("the pool workers are shut down" if self._closed
+                               else "the service was not started (init was not called)")
+        if not isinstance(batch, list | tuple) or not all(isinstance(c, Chunk) for c in batch):
+            raise TypeError("submit takes a list of Chunk")
+        for chunk in batch:
+            if chunk.func is not None:
+                self._funcs.setdefault(chunk.func_id, chunk.func)
+            self._queue.append(chunk)
+        self._dispatch()
+        return len(batch)
+
+    async def results(self, _: object = None) -> AsyncIterator[bytes]:
+        """The stream of result records (see the module docstring), as chunks complete.
+
+        Records made before the stream is opened wait for it. There is one reader at a time:
+        a new call takes over and the previous stream ends. The stream ends after
+        :meth:`shutdown_workers`, once the records made before it are sent.
+        """
+        self._consumer += 1
+        return self._stream(self._consumer)
+
+    async def _stream(self, token: int) -> AsyncIterator[bytes]:
+        assert self._wake is not None
+        wake = self._wake
+        records = self._records
+        while token == self._consumer:
+            if records:
+                parts = [records.popleft()]
+                size = len(parts[0])
+                while records and size + len(records[0]) <= MAX_YIELD_BYTES:
+                    size += len(records[0])
+                    parts.append(records.popleft())
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+                continue
+            if self._closed:
+                return
+            wake.clear()
+            await wake.wait()
+
+    async def cancel(self, chunk_ids: list[int]) -> list[int]:
+        """Drop the queued chunks among ``chunk_ids`` that no worker has started; their ids.
+
+        Chunks already sent to a worker run to the end (their records still come).
+        """
+        wanted = set(chunk_ids)
+        kept: collections.deque[Chunk] = collections.deque()
+        dropped: list[int] = []
+        for chunk in self._queue:
+            if chunk.chunk_id in wanted:
+                dropped.append(chunk.chunk_id)
+            else:
+                kept.append(chunk)
+        self._queue = kept
+        return dropped
+
+    def stats(self, _: object = None) -> dict[str, Any]:
+        """``{"processes", "queued", "running", "done", "worker_pids", "worker_restarts"}``.
+
+        ``running`` counts chunks sent to workers and not yet answered; ``worker_restarts``
+        counts replacements (deaths and ``maxtasksperchild`` retirements).
+        """
+        workers = list(self._workers)
+        return {
+            "processes": self.processes,
+            "queued": len(self._queue),
+            "running": sum(len(w.inflight) for w in workers),
+            "done": self._done,
+            "worker_pids": [w.pid for w in workers],
+            "worker_restarts": self._restarts,
+        }
+
+    async def shutdown_workers(self, _: object = None) -> None:
+        """Stop every worker (EOF and SIGTERM, SIGKILL after :data:`TERMINATE_GRACE` s) and
+        wait for them; queued chunks are dropped and the results stream ends. Idempotent."""
+        self._closed = True
+        self._queue.clear()
+        if self._wake is not None:
+            self._wake.set()
+        if self._monitor is not None:
+            self._monitor.cancel()
+        workers = list(self._all)
+        self._workers.clear()
+        for w in workers:
+            w.close_input()
+            with contextlib.suppress(OSError):
+                w.proc.terminate()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TERMINATE_GRACE
+        while any(w.proc.poll() is None for w in workers) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for w in workers:
+            if w.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    w.proc.kill()
+        for w in workers:
+            while w.proc.poll() is None:
+                await asyncio.sleep(0.01)
+            w.close_pipes()
+
+    # workers ------------------------------------------------------------------------------
+
+    async def _spawn(self, *, replacement: bool) -> _Worker:
+        loop = asyncio.get_running_loop()
+        cmd_read, cmd_write = os.pipe()
+        res_read, res_write = os.pipe()
+        env = dict(self._env)
+        env[ENV_FDS] = f"{cmd_read},{res_write}"
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bigpool._worker_main"],
+                stdin=subprocess.DEVNULL,
+                stdout=None,  # the machine's own: a task's print reaches the machine's output
+                stderr=subprocess.PIPE,
+                pass_fds=(cmd_read, res_write),
+                env=env,
+                start_new_session=False,
+            )
+        except BaseException:
+            for fd in (cmd_write, res_read):
+                os.close(fd)
+            raise
+        finally:
+            os.close(cmd_read)
+            os.close(res_write)
+        w = _Worker(proc, replacement)
+        if self._closed:  # shut down while this one was starting
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+            os.close(cmd_write)
+            os.close(res_read)
+            raise RuntimeError("the pool workers are shut down")
+        self._all.add(w)
+        self._workers.append(w)
+        assert proc.stderr is not None
+        cmd_file = os.fdopen(cmd_write, "wb", 0)
+        res_file = os.fdopen(res_read, "rb", 0)
+        try:
+            transport, _ = await loop.connect_write_pipe(_InputProtocol, cmd_file)
+            w.transport = transport
+            results, _ = await loop.connect_read_pipe(lambda: _ResultProtocol(self, w), res_file)
+            w.read_transports = [results]
+            errors, _ = await loop.connect_read_pipe(lambda: _StderrProtocol(w), proc.stderr)
+            w.read_transports.append(errors)
+            if self._closed:
+                raise RuntimeError("the pool workers are shut down")
+        except BaseException:
+            # Shut down (or cancelled) while connecting: this worker must not outlive us.
+            self._all.discard(w)
+            if w in self._workers:
+                self._workers.remove(w)
+            proc.kill()
+            proc.wait()
+            w.close_pipes()
+            for f in (cmd_file, res_file, proc.stderr):
+                with contextlib.suppress(OSError):
+                    f.close()
+            raise
+        w.send(("init", self.initializer))
+        return w
+
+    def _on_ready(self, w: _Worker, body: bytes) -> None:
+        _, init_error = pickle.loads(body)
+        w.init_error = init_error
+        if init_error is None:
+            self._respawn_backoff = 0.0
+        if not w.ready.done():
+            w.ready.set_result(init_error)
+        self._dispatch()
+
+    def _on_result(self, w: _Worker, ntasks: int, body: bytes) -> None:
+        if not w.inflight:
+            return  # cannot happen: a worker answers only chunks it was sent
+        _, sent = w.inflight.popleft()
+        now = time.monotonic()
+        w.last_seconds = now - max(sent, w.last_result_at)
+        w.last_result_at = now
+        w.tasks_done += ntasks
+        self._done += 1
+        self._emit(LENGTH.pack(len(body)) + body)
+        if (self.maxtasksperchild is not None and w.tasks_done >= self.maxtasksperchild
+                and not w.retiring):
+            self._retire(w)
+        self._dispatch()
+
+    def _emit(self, record: bytes) -> None:
+        self._records.append(record)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _retire(self, w: _Worker) -> None:
+        """Stop giving ``w`` chunks, let it exit (EOF on its input) and start a replacement."""
+        w.retiring = True
+        if w in self._workers:
+            self._workers.remove(w)
+        w.close_input()
+        if not self._closed:
+            self._restarts += 1
+            self._start_replacement(0.0)
+
+    def _start_replacement(self, delay: float) -> None:
+        async def replace() -> None:
+            if delay:
+                await asyncio.sleep(delay)
+            if self._closed:
+                return
+            try:
+                await self._spawn(replacement=True)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    print(f"bigpool: could not start a pool worker process: "
+                          f"{type(exc).__name__}: {exc}; retrying", file=sys.stderr, flush=True)
+                self._respawn_backoff = min(
+                    max(self._respawn_backoff * 2, RESPAWN_BACKOFF_INITIAL), RESPAWN_BACKOFF_MAX
+                )
+                self._start_replacement(self._respawn_backoff)
+
+        self._spawn_task(replace())
+
+    def _spawn_task(self, coro: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_gone(self, w: _Worker) -> None:
+        """``w``'s result pipe ended or its process exited: reap it, report, replace."""
+        if w.gone:
+            return
+        w.gone = True
+        if w in self._workers:
+            self._workers.remove(w)
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._spawn_task(self._reap(w))
+
+    async def _reap(self, w: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        w.close_input()
+        deadline = loop.time() + 5.0
+        while w.proc.poll() is None:
+            if loop.time() > deadline:
+                with contextlib.suppress(OSError):
+                    w.proc.kill()
+                deadline = float("inf")
+            await asyncio.sleep(0.005)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(w.stderr_done), 1.0)
+        w.close_pipes()
+        self._all.discard(w)
+        if self._closed or w.retiring:
+            return
+        exitcode = w.proc.returncode
+        died_unready = not w.ready.done()
+        if died_unready:
+            w.ready.set_exception(WorkerStartError(
+                f"worker process {w.pid} {_how(exitcode)} before it was ready"
+                + _tail_text(w)
+            ))
+            w.ready.exception()  # retrieved: init may not be waiting (a replacement)
+        if w.inflight:
+            chunk, sent = w.inflight.popleft()
+            self._emit(_record(chunk.chunk_id, WORKER_DIED, self._death(w, exitcode),
+                               {"pid": w.pid, "seconds": time.monotonic() - sent}))
+            # Chunks sent ahead (prefetched) never started: they go back to the queue's head.
+            self._queue.extendleft(reversed([c for c, _ in w.inflight]))
+            w.inflight.clear()
+        self._restarts += 1
+        delay = 0.0
+        if died_unready:
+            self._respawn_backoff = min(
+                max(self._respawn_backoff * 2, RESPAWN_BACKOFF_INITIAL), RESPAWN_BACKOFF_MAX
+            )
+            delay = self._respawn_backoff
+        self._start_replacement(delay)
+        self._dispatch()
+
+    def _death(self, w: _Worker, exitcode: int) -> dict[str, Any]:
+        signame: str | None = None
+        if exitcode < 0:
+            try:
+                signame = signal.Signals(-exitcode).name
+            except ValueError:
+                signame = f"signal {-exitcode}"
+        oom = False
+        if exitcode == -signal.SIGKILL and w.oom_before is not None:
+            after = _oom_kill_count()
+            oom = after is not None and after > w.oom_before
+        message = f"worker process {w.pid} {_how(exitcode)} while running a task"
+        if oom:
+            message += " (the kernel's OOM killer killed it: the machine ran out of memory)"
+        message += _tail_text(w)
+        return {
+            "pid": w.pid,
+            "exitcode": exitcode,
+            "signal": signame,
+            "oom": oom,
+            "stderr_tail": list(w.stderr_tail),
+            "message": message,
+        }
+
+    def _dispatch(self) -> None:
+        """Give queued chunks to idle workers (and a second one to workers on tiny chunks)."""
+        queue = self._queue
+        if not queue or self._closed:
+            return
+        workers = [w for w in self._workers if w.ready.done() and not w.gone]
+        for w in workers:  # first every idle worker gets a chunk
+            if not queue:
+                return
+            if w.inflight or w.retiring:
+                continue
+            if w.init_error is not None:
+                self._fail_init(w, queue.popleft())
+            else:
+                self._send(w, queue.popleft())
+        if self.maxtasksperchild is not None:
+            return  # a prefetched chunk could run past the limit
+        for w in workers:  # then workers on tiny chunks get their next one ahead
+            if not queue:
+                return
+            if w.retiring or w.init_error is not None or w.last_seconds >= PREFETCH_BELOW_SECONDS:
+                continue
+            while queue and 0 < len(w.inflight) < PREFETCH_DEPTH:
+                self._send(w, queue.popleft())
+
+    def _send(self, w: _Worker, chunk: Chunk) -> None:
+        func: bytes | None = None
+        if chunk.func_id not in w.func_ids:
+            func = self._funcs.get(chunk.func_id)
+            if func is None:
+                error = LookupError(
+                    f"chunk {chunk.chunk_id}: function {chunk.func_id!r} was never sent to "
+                    "this machine (send Chunk.func with the first chunk using it)"
+                )
+                self._done += 1
+                self._emit(_record(chunk.chunk_id, TASK_ERROR, encode_error(error),
+                                   {"pid": None, "seconds": 0.0}))
+                return
+            w.func_ids.add(chunk.func_id)
+        w.inflight.append((chunk, time.monotonic()))
+        w.send(("run", chunk.chunk_id, chunk.func_id, func, chunk.args, chunk.star))
+
+    def _fail_init(self, w: _Worker, chunk: Chunk) -> None:
+        """``w``'s initializer failed: the chunk fails with that error; ``w`` is retired and a
+        new worker tries the initializer again."""
+        assert w.init_error is not None
+        self._done += 1
+        self._emit(_record(chunk.chunk_id, TASK_ERROR, w.init_error,
+                           {"pid": w.pid, "seconds": 0.0}))
+        self._respawn_backoff = min(
+            max(self._respawn_backoff * 2, RESPAWN_BACKOFF_INITIAL), RESPAWN_BACKOFF_MAX
+        )
+        w.retiring = True
+        if w in self._workers:
+            self._workers.remove(w)
+        w.close_input()
+        self._restarts += 1
+        self._start_replacement(self._respawn_backoff)
+
+    async def _watch(self) -> None:
+        """Backstop for EOF: notice workers whose process exited; kill all on cancellation
+        (the machine's loop closing) so no worker outlives its machine."""
+        try:
+            while not self._closed:
+                await asyncio.sleep(POLL_SECONDS)
+                for w in list(self._all):
+                    if not w.gone and w.proc.poll() is not None:
+                        self._on_gone(w)
+        finally:
+            if not self._closed:
+                self._kill_all()
+
+    def _kill_all(self) -> None:
+        self._closed = True
+        for w in list(self._all):
+            with contextlib.suppress(OSError):
+                w.proc.kill()
+        for w in list(self._all):  # the loop is closing: block a moment to reap them
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(1.0)
+            w.close_pipes()
+
+
+def _how(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _tail_text(w: _Worker) -> str:
+    tail = "".join(w.stderr_tail).rstrip()
+    return f"; last stderr lines:\n{tail}" if tail else ""

@@ -1,0 +1,150 @@
+"""BigPool beyond the stdlib's semantics: machine loss, retries, diagnostics, laziness."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bigpool import BigPool, KeepaliveConfig, PoolTerminatedError, State, TaskLostError
+from bigpool.pool import IMAP_WINDOW_PER_SLOT
+from bigpool.systems.local import LocalSystem
+from bigpool.systems.test import TestSystem
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def slow_square(x: int) -> int:
+    time.sleep(0.001)
+    return x * x
+
+
+def exit_three(x: int) -> int:
+    os._exit(3)
+
+
+def sleep_then(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def pid_of(_: object) -> int:
+    return os.getpid()
+
+
+FAST_KEEPALIVE = KeepaliveConfig(period=0.2, timeout=1.5, rpc_timeout=0.5)
+
+
+def test_machine_killed_mid_map_gives_every_result_exactly_once() -> None:
+    system = TestSystem(keepalive=FAST_KEEPALIVE)
+    with BigPool(3, system=system) as pool:
+        victim = pool.machines[0]
+        results: list[int] = []
+        killed = False
+        for value in pool.imap_unordered(slow_square, range(10_000), chunksize=10):
+            results.append(value)
+            if len(results) == 2_000 and not killed:
+                system.kill(victim)
+                killed = True
+        assert killed
+        assert sorted(results) == [x * x for x in range(10_000)]
+        wait_until(lambda: victim.state is State.STOPPED, 10, "the killed machine to stop")
+        # The pool goes on with the others.
+        assert pool.map(slow_square, range(50)) == [x * x for x in range(50)]
+
+
+def test_retries_zero_names_the_lost_machine() -> None:
+    system = LocalSystem(keepalive=FAST_KEEPALIVE)
+    with BigPool(2, system=system, retries=0) as pool:
+        result = pool.apply_async(sleep_then, (30,))
+        # Find the machine that runs it, then kill it.
+        wait_until(lambda: any(f.in_flight for f in pool._scheduler.feeds), 10, "dispatch")
+        feed = next(f for f in pool._scheduler.feeds if f.in_flight)
+        system.kill(feed.machine, signal.SIGKILL)
+        with pytest.raises(TaskLostError) as info:
+            result.get(timeout=30)
+        message = str(info.value)
+        assert feed.machine.addr in message and "SIGKILL" in message
+        assert info.value.machine == feed.machine.addr
+        assert pool.apply(slow_square, (4,)) == 16
+
+
+def test_worker_exit_code_is_reported() -> None:
+    with BigPool(1, system="local", retries=0) as pool:
+        with pytest.raises(TaskLostError) as info:
+            pool.apply(exit_three, (1,))
+        assert info.value.exitcode == 3 and "code 3" in str(info.value)
+        # The slot was replaced: the pool still works.
+        assert pool.apply(slow_square, (3,)) == 9
+
+
+def test_terminate_with_many_tasks_pending_returns_promptly() -> None:
+    pool = BigPool(2, system="test")
+    try:
+        result = pool.map_async(sleep_then, [0.01] * 10_000, chunksize=1)
+        started = time.monotonic()
+        pool.terminate()
+        assert time.monotonic() - started < 10
+        with pytest.raises(PoolTerminatedError):
+            result.get(timeout=5)
+    finally:
+        pool.terminate()
+
+
+def test_imap_reads_an_endless_input_a_bounded_window_ahead() -> None:
+    pulled = itertools.count()
+    seen = [0]
+    lock = threading.Lock()
+
+    def endless() -> Iterator[int]:
+        for i in pulled:
+            with lock:
+                seen[0] = i + 1
+            yield i
+
+    with BigPool(1, system="test") as pool:
+        it = pool.imap(slow_square, endless())
+        first = [next(it) for _ in range(10)]
+        assert first == [x * x for x in range(10)]
+        window = IMAP_WINDOW_PER_SLOT * 1
+        wait_until(lambda: seen[0] >= 10 + window, 20, "the feeder to fill its window")
+        assert seen[0] <= 10 + window + 1, seen[0]
+
+
+def test_services_are_installed_beside_the_pool() -> None:
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def add(self, k: int) -> int:
+            self.n += k
+            return self.n
+
+    with BigPool(2, system="test", services={"Counter": Counter()}) as pool:
+        assert len(pool.machines) == 2
+        for machine in pool.machines:
+            assert machine.call("Counter.add", 2) == 2
+            assert machine.call("Counter.add", 3) == 5
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        BigPool(0, system="test")
+    with pytest.raises(TypeError, match="processes must be an integer"):
+        BigPool("2", system="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown system 'nowhere'"):
+        BigPool(1, system="nowhere")
+    with pytest.raises(ValueError, match="retries"):
+        BigPool(1, system="test", retries=-1)

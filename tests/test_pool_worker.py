@@ -1,0 +1,427 @@
+"""The machine side of BigPool: PoolWorkerService driven through real machines.
+
+Machines come from the ``test`` system (in-process) and the ``local`` system (processes);
+either way the worker processes are real subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing.pool
+import os
+import pickle
+import queue
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dill
+import psutil
+import pytest
+from pool_worker_tasks import (
+    add,
+    exit_three,
+    fail_on_three,
+    failing_initializer,
+    getpid,
+    init_unless_file,
+    init_worker,
+    make_generator,
+    noop,
+    pid_then_sleep,
+    read_initialized,
+    rendezvous,
+    say,
+    square,
+    wait_for_file,
+)
+
+import bigpool
+from bigpool import State
+from bigpool.h2rpc.errors import RemoteTraceback, decode_error
+from bigpool.machine import ServiceStartError
+from bigpool.worker import (
+    ENCODE_ERROR,
+    OK,
+    SERVICE_NAME,
+    TASK_ERROR,
+    WORKER_DIED,
+    Chunk,
+    PoolWorkerService,
+)
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def func_id(func: Callable[..., Any]) -> bytes:
+    return hashlib.sha256(f"{func.__module__}.{func.__qualname__}".encode()).digest()[:16]
+
+
+def chunk(chunk_id: int, func: Callable[..., Any], tasks: list[tuple[Any, ...]], *,
+          star: bool = False, send_func: bool = True) -> Chunk:
+    return Chunk(chunk_id, func_id(func), dill.dumps(func) if send_func else None,
+                 pickle.dumps(tasks), star)
+
+
+class Results:
+    """Reads the results stream on a thread and parses its records into a queue."""
+
+    def __init__(self, m: bigpool.Machine) -> None:
+        self.reader = m.call(f"{SERVICE_NAME}.results")
+        self.records: queue.Queue[Any] = queue.Queue()
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        buffer = b""
+        try:
+            while data := self.reader.read_chunk():
+                buffer += data
+                while len(buffer) >= 4:
+                    (size,) = struct.unpack(">I", buffer[:4])
+                    if len(buffer) < 4 + size:
+                        break
+                    self.records.put(pickle.loads(buffer[4 : 4 + size]))
+                    buffer = buffer[4 + size :]
+        except Exception as exc:
+            self.records.put(exc)
+        finally:
+            self.ended.set()
+
+    def get(self, n: int, timeout: float = 20) -> dict[int, tuple[int, Any, dict[str, Any]]]:
+        """The next ``n`` records, by chunk id: ``(status, payload, info)``."""
+        out = {}
+        deadline = time.monotonic() + timeout
+        for _ in range(n):
+            record = self.records.get(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(record, Exception):
+                raise record
+            chunk_id, status, payload, info = record
+            assert chunk_id not in out
+            out[chunk_id] = (status, payload, info)
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def start(b: bigpool.B, service: PoolWorkerService) -> bigpool.Machine:
+    (m,) = b.start(1, services={SERVICE_NAME: service})
+    assert m.wait(State.RUNNING, timeout=60) is State.RUNNING
+    assert m.err() is None, m.err()
+    return m
+
+
+@contextlib.contextmanager
+def pool(system: str, processes: int = 2, **kw: Any) -> Iterator[tuple[bigpool.Machine, Results]]:
+    b = bigpool.start(system)
+    try:
+        m = start(b, PoolWorkerService(processes, **kw))
+        results = Results(m)
+        try:
+            yield m, results
+        finally:
+            results.close()
+    finally:
+        b.shutdown()
+
+
+def submit(m: bigpool.Machine, *chunks: Chunk) -> None:
+    assert m.call(f"{SERVICE_NAME}.submit", list(chunks)) == len(chunks)
+
+
+def stats(m: bigpool.Machine) -> dict[str, Any]:
+    return dict(m.call(f"{SERVICE_NAME}.stats"))
+
+
+def ok_value(record: tuple[int, Any, dict[str, Any]]) -> Any:
+    status, payload, _ = record
+    assert status == OK, record
+    return dill.loads(payload)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# --- tests --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("system", ["test", "local"])
+def test_chunk_results_star_and_not(system: str) -> None:
+    with pool(system) as (m, results):
+        submit(
+            m,
+            chunk(1, square, [(1,), (2,), (3,)]),
+            chunk(2, add, [(1, 2), (3, 4)], star=True),
+            chunk(3, square, [(4,)], send_func=False),  # the function came with chunk 1
+            chunk(4, square, []),
+        )
+        got = results.get(4)
+        assert ok_value(got[1]) == [1, 4, 9]
+        assert ok_value(got[2]) == [3, 7]
+        assert ok_value(got[3]) == [16]
+        assert ok_value(got[4]) == []
+        info = stats(m)
+        assert {r[2]["pid"] for r in got.values()} <= set(info["worker_pids"])
+        assert all(r[2]["seconds"] >= 0 for r in got.values())
+        assert info["processes"] == 2 and len(info["worker_pids"]) == 2
+        assert info["done"] == 4 and info["queued"] == 0 and info["running"] == 0
+        assert info["worker_restarts"] == 0
+        assert os.getpid() not in info["worker_pids"]
+
+
+def test_task_exception_is_task_error_with_traceback() -> None:
+    with pool("test", 1) as (m, results):
+        submit(m, chunk(1, fail_on_three, [(1,), (3,), (5,)]), chunk(2, fail_on_three, [(4,)]))
+        got = results.get(2)
+        status, payload, _ = got[1]
+        assert status == TASK_ERROR
+        exc = decode_error(payload)
+        assert type(exc) is ValueError and str(exc) == "three is not allowed (3)"
+        assert isinstance(exc.__cause__, RemoteTraceback)
+        assert "fail_on_three" in str(exc.__cause__)
+        assert ok_value(got[2]) == [4]  # the worker goes on
+
+
+def test_unpicklable_result_is_encode_error() -> None:
+    with pool("test", 1) as (m, results):
+        submit(m, chunk(1, make_generator, [(3,)]), chunk(2, square, [(5,)]))
+        got = results.get(2)
+        status, payload, _ = got[1]
+        assert status == ENCODE_ERROR
+        exc_repr, value_repr = payload
+        assert isinstance(exc_repr, str) and "generator" in exc_repr
+        assert "generator object" in value_repr
+        err = multiprocessing.pool.MaybeEncodingError(exc_repr, value_repr)
+        assert "generator object" in str(err)
+        assert ok_value(got[2]) == [25]
+
+
+def test_bad_function_args_or_id_are_task_errors() -> None:
+    with pool("test", 1) as (m, results):
+        submit(
+            m,
+            Chunk(1, b"broken", b"not a pickle", pickle.dumps([(1,)]), False),
+            Chunk(2, b"broken", None, pickle.dumps([(1,)]), False),  # same id: same error
+            Chunk(3, func_id(square), dill.dumps(square), b"not a pickle either", False),
+            Chunk(4, b"never-sent", None, pickle.dumps([(1,)]), False),
+        )
+        got = results.get(4)
+        assert all(r[0] == TASK_ERROR for r in got.values()), got
+        assert isinstance(decode_error(got[1][1]), pickle.UnpicklingError)
+        assert isinstance(decode_error(got[2][1]), pickle.UnpicklingError)
+        assert isinstance(decode_error(got[3][1]), pickle.UnpicklingError)
+        assert "never sent" in str(decode_error(got[4][1]))
+
+
+def test_worker_exit_is_reported_and_worker_replaced() -> None:
+    with pool("test", 1) as (m, results):
+        submit(m, chunk(1, getpid, [(0,)]))
+        first_pid = ok_value(results.get(1)[1])[0]
+        submit(m, chunk(2, exit_three, [(0,)]), chunk(3, getpid, [(0,)]))
+        got = results.get(2)
+        status, death, info = got[2]
+        assert status == WORKER_DIED
+        assert death["pid"] == first_pid == info["pid"]
+        assert death["exitcode"] == 3 and death["signal"] is None and death["oom"] is False
+        assert f"worker process {first_pid} exited with code 3" in death["message"]
+        assert "about to exit with 3" in death["message"]
+        assert any("about to exit with 3" in line for line in death["stderr_tail"])
+        new_pid = ok_value(got[3])[0]
+        assert new_pid != first_pid
+        info = stats(m)
+        assert info["worker_pids"] == [new_pid] and info["worker_restarts"] == 1
+        assert not alive(first_pid)
+
+
+def test_sigkill_mid_task_is_reported(tmp_path: Path) -> None:
+    with pool("test", 1) as (m, results):
+        pidfile = tmp_path / "pid"
+        submit(m, chunk(1, pid_then_sleep, [(str(pidfile),)]))
+        wait_until(lambda: pidfile.exists() and pidfile.read_text(), 20, "the task to start")
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGKILL)
+        status, death, _ = results.get(1)[1]
+        assert status == WORKER_DIED
+        assert death["pid"] == pid and death["exitcode"] == -signal.SIGKILL
+        assert death["signal"] == "SIGKILL"
+        assert "killed by signal SIGKILL" in death["message"]
+        assert isinstance(death["oom"], bool)
+        submit(m, chunk(2, getpid, [(0,)]))
+        assert ok_value(results.get(1)[2])[0] != pid
+
+
+def test_prefetched_chunk_survives_the_death_of_its_worker() -> None:
+    with pool("test", 1) as (m, results):
+        # Tiny chunks make the worker a prefetch candidate; then a death with one queued behind.
+        submit(m, *[chunk(i, noop, [(i,)]) for i in range(20)])
+        results.get(20)
+        submit(m, chunk(100, exit_three, [(0,)]), chunk(101, square, [(9,)]),
+               chunk(102, square, [(10,)]))
+        got = results.get(3)
+        assert got[100][0] == WORKER_DIED
+        assert ok_value(got[101]) == [81] and ok_value(got[102]) == [100]
+
+
+def test_many_tiny_chunks_all_arrive_in_order_of_work() -> None:
+    with pool("test", 2) as (m, results):
+        n = 2000
+        for start_id in range(0, n, 500):
+            submit(m, *[chunk(i, square, [(i,)]) for i in range(start_id, start_id + 500)])
+        got = results.get(n, timeout=60)
+        assert sorted(got) == list(range(n))
+        assert all(ok_value(got[i]) == [i * i] for i in range(n))
+        assert stats(m)["done"] == n
+
+
+def test_initializer_runs_once_per_worker(tmp_path: Path) -> None:
+    counter = tmp_path / "inits"
+    initializer = dill.dumps((init_worker, (str(counter), "ready")))
+    with pool("test", 2, initializer=initializer) as (m, results):
+        submit(m, *[chunk(i, read_initialized, [(0,), (1,)]) for i in range(6)])
+        got = results.get(6)
+        assert all(ok_value(r) == ["ready", "ready"] for r in got.values())
+        lines = counter.read_text().split()
+        assert len(lines) == 2
+        assert sorted(int(p) for p in lines) == sorted(stats(m)["worker_pids"])
+
+
+def test_initializer_failure_fails_the_start() -> None:
+    with bigpool.start("test") as b:
+        service = PoolWorkerService(2, initializer=dill.dumps((failing_initializer, ())))
+        (m,) = b.start(1, services={SERVICE_NAME: service})
+        m.wait(State.RUNNING, timeout=60)
+        err = m.err()
+        assert isinstance(err, ServiceStartError), err
+        assert "initializer failed" in str(err) and "initializer-boom" in str(err)
+
+
+def test_maxtasksperchild_replaces_workers(tmp_path: Path) -> None:
+    counter = tmp_path / "inits"
+    initializer = dill.dumps((init_worker, (str(counter), "x")))
+    with pool("test", 1, maxtasksperchild=2, initializer=initializer) as (m, results):
+        pids = []
+        for i in range(6):  # one task per chunk: a new worker every 2 chunks
+            submit(m, chunk(i, getpid, [(i,)]))
+            pids.append(ok_value(results.get(1)[i])[0])
+        assert pids[0] == pids[1] and pids[2] == pids[3] and pids[4] == pids[5]
+        assert len({pids[0], pids[2], pids[4]}) == 3
+        submit(m, chunk(10, getpid, [(0,), (1,), (2,)]))  # tasks, not chunks, are counted
+        three = ok_value(results.get(1)[10])
+        assert len(set(three)) == 1 and three[0] not in pids
+        submit(m, chunk(11, getpid, [(0,)]))
+        assert ok_value(results.get(1)[11])[0] != three[0]
+        # Each replacement ran the initializer once.
+        wait_until(lambda: len(counter.read_text().split()) == 5, 10, "5 initializer runs")
+        assert stats(m)["worker_restarts"] >= 4
+        for pid in [*pids, three[0]]:
+            wait_until(lambda pid=pid: not alive(pid), 10, f"retired worker {pid} to exit")
+
+
+def test_cancel_drops_queued_chunks(tmp_path: Path) -> None:
+    with pool("test", 1) as (m, results):
+        gate = tmp_path / "gate"
+        submit(m, chunk(1, wait_for_file, [(str(gate),)]),
+               *[chunk(i, square, [(i,)]) for i in range(2, 6)])
+        info = stats(m)
+        assert info["running"] == 1 and info["queued"] == 4
+        dropped = m.call(f"{SERVICE_NAME}.cancel", [3, 5, 1, 99])
+        assert sorted(dropped) == [3, 5]  # 1 is running, 99 unknown
+        assert stats(m)["queued"] == 2
+        gate.touch()
+        got = results.get(3)
+        assert sorted(got) == [1, 2, 4]
+        assert ok_value(got[4]) == [16]
+        with pytest.raises(queue.Empty):
+            results.get(1, timeout=0.5)
+
+
+def test_two_workers_run_two_chunks_in_parallel(tmp_path: Path) -> None:
+    with pool("test", 2) as (m, results):
+        # Warm both workers with tiny chunks (which also makes them prefetch candidates).
+        submit(m, *[chunk(i, noop, [(i,)]) for i in range(10)])
+        results.get(10)
+        a, b = str(tmp_path / "a"), str(tmp_path / "b")
+        submit(m, chunk(20, rendezvous, [(a, b)], star=True),
+               chunk(21, rendezvous, [(b, a)], star=True))
+        got = results.get(2)
+        assert ok_value(got[20]) == [True] and ok_value(got[21]) == [True]
+        assert got[20][2]["pid"] != got[21][2]["pid"]
+
+
+def test_task_print_reaches_driver_stdout(capfd: pytest.CaptureFixture[str]) -> None:
+    with pool("local", 1) as (m, results):
+        submit(m, chunk(1, say, [("hello-from-task-1",), ("hello-from-task-2",)]))
+        assert ok_value(results.get(1)[1]) == ["hello-from-task-1", "hello-from-task-2"]
+        seen = ""
+
+        def printed() -> bool:
+            nonlocal seen
+            seen += capfd.readouterr().out
+            return f"{m.addr}: hello-from-task-2\n" in seen
+
+        wait_until(printed, 10, "the task's output")
+        assert f"{m.addr}: hello-from-task-1\n" in seen
+
+
+@pytest.mark.parametrize("system", ["test", "local"])
+def test_shutdown_workers_leaves_no_worker_and_ends_stream(system: str, tmp_path: Path) -> None:
+    with pool(system, 2) as (m, results):
+        pidfile = tmp_path / "pid"
+        submit(m, chunk(1, pid_then_sleep, [(str(pidfile),)]))  # one busy, one idle
+        wait_until(lambda: pidfile.exists() and pidfile.read_text(), 20, "the task to start")
+        pids = stats(m)["worker_pids"]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        m.call(f"{SERVICE_NAME}.shutdown_workers", timeout=30)
+        assert not any(alive(p) for p in pids)
+        assert results.ended.wait(10), "the results stream did not end"
+        assert results.records.empty()  # a chunk stopped by shutdown is not reported
+        with pytest.raises(RuntimeError, match="shut down"):
+            submit(m, chunk(2, square, [(1,)]))
+
+
+@pytest.mark.parametrize("system", ["test", "local"])
+def test_machine_shutdown_leaves_no_worker(system: str) -> None:
+    b = bigpool.start(system)
+    try:
+        m = start(b, PoolWorkerService(2))
+        pids = stats(m)["worker_pids"]
+        assert all(alive(p) for p in pids)
+    finally:
+        b.shutdown()
+    wait_until(lambda: not any(alive(p) for p in pids), 10, "workers to exit with the machine")
+
+
+def test_replacement_initializer_failure_fails_its_chunk(tmp_path: Path) -> None:
+    flag = tmp_path / "refuse"
+    initializer = dill.dumps((init_unless_file, (str(flag),)))
+    with pool("test", 1, initializer=initializer) as (m, results):
+        flag.touch()  # the first worker started fine; its replacement will not
+        submit(m, chunk(1, exit_three, [(0,)]), chunk(2, square, [(3,)]))
+        got = results.get(2)
+        assert got[1][0] == WORKER_DIED
+        status, payload, _ = got[2]
+        assert status == TASK_ERROR
+        exc = decode_error(payload)
+        assert type(exc) is RuntimeError and "initializer refused" in str(exc)
+        flag.unlink()  # the next replacement's initializer succeeds
+        submit(m, chunk(3, square, [(4,)]))
+        assert ok_value(results.get(1)[3]) == [16]
