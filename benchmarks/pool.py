@@ -50,13 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-try:  # BigPool lands in bigpool/pool.py; until then the script measures multiprocessing alone
-    from bigpool import BigPool  # type: ignore[attr-defined]
-except ImportError:
-    try:
-        from bigpool.pool import BigPool  # type: ignore[import-not-found,no-redef]
-    except ImportError:
-        BigPool = None
+from bigpool import BigPool
 
 MiB = 1 << 20
 PROCESSES = 2
@@ -443,11 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pool in ("both", "multiprocessing"):
         kinds.append(("multiprocessing", make_mp))
     if args.pool in ("both", "bigpool"):
-        if BigPool is None:
-            print("bigpool.BigPool is not available (bigpool/pool.py has not landed): "
-                  "measuring multiprocessing alone", file=sys.stderr)
-        else:
-            kinds.append(("bigpool", make_bigpool))
+        kinds.append(("bigpool", make_bigpool))
 
     print(machine_line(), flush=True)
     idle = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else cpu_idle(1.0)
