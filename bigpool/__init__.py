@@ -3,41 +3,64 @@
 A driver forms an ad-hoc cluster of machines, sends them code, and calls stateful services on
 them; :class:`BigPool` puts a ``multiprocessing.Pool`` front door on top. This module is the
 public API; everything else is an implementation detail unless documented.
+
+Names load on first use (as ``concurrent.futures`` does): ``import bigpool`` is cheap, and a
+machine's worker processes start without loading the driver's machinery.
 """
 
-from .h2rpc.errors import (
-    BigpoolError,
-    CallTimeoutError,
-    MethodNotFoundError,
-    NetworkError,
-    RemoteError,
-    RemoteTraceback,
-    StreamBrokenError,
-)
-from .machine import B, Machine, MachineStoppedError, ServiceStartError, State, add_arguments, start
-from .systems import KeepaliveConfig, System, register_system
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .h2rpc.errors import (
+        BigpoolError,
+        CallTimeoutError,
+        MethodNotFoundError,
+        NetworkError,
+        RemoteError,
+        RemoteTraceback,
+        StreamBrokenError,
+    )
+    from .machine import (
+        B,
+        Machine,
+        MachineStoppedError,
+        ServiceStartError,
+        State,
+        add_arguments,
+        start,
+    )
+    from .pool import BigPool, BigPoolExecutor, BrokenExecutor, PoolTerminatedError, TaskLostError
+    from .systems import KeepaliveConfig, System, register_system
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "BigPool": "bigpool.pool",
-    "BigPoolExecutor": "bigpool.pool",
-    "BrokenExecutor": "bigpool.pool",
-    "PoolTerminatedError": "bigpool.pool",
-    "TaskLostError": "bigpool.pool",
+_EXPORTS = {
+    "BigpoolError": "h2rpc.errors",
+    "CallTimeoutError": "h2rpc.errors",
+    "MethodNotFoundError": "h2rpc.errors",
+    "NetworkError": "h2rpc.errors",
+    "RemoteError": "h2rpc.errors",
+    "RemoteTraceback": "h2rpc.errors",
+    "StreamBrokenError": "h2rpc.errors",
+    "B": "machine",
+    "Machine": "machine",
+    "MachineStoppedError": "machine",
+    "ServiceStartError": "machine",
+    "State": "machine",
+    "add_arguments": "machine",
+    "start": "machine",
+    "BigPool": "pool",
+    "BigPoolExecutor": "pool",
+    "BrokenExecutor": "pool",
+    "PoolTerminatedError": "pool",
+    "TaskLostError": "pool",
+    "KeepaliveConfig": "systems",
+    "System": "systems",
+    "register_system": "systems",
 }
-
-
-def __getattr__(name: str) -> object:
-    # The pool (and its worker service) load on first use, keeping `import bigpool` light.
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'bigpool' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
 
 __all__ = [
     "B",
@@ -64,3 +87,16 @@ __all__ = [
     "register_system",
     "start",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -105,7 +105,7 @@ def run_chunk(
     try:
         tasks = dill.loads(args)
         ntasks = len(tasks)
-        result = [func(*t) for t in tasks] if star else [func(t[0]) for t in tasks]
+        result = [func(*t) for t in tasks] if star else [func(t) for t in tasks]
     except Exception as exc:
         status, payload = TASK_ERROR, _encode_error(exc)
     else:

@@ -35,7 +35,6 @@ from typing import Any, TypeVar
 import dill
 
 from .h2rpc import (
-    Authority,
     BigpoolError,
     CallTimeoutError,
     Client,
@@ -500,7 +499,7 @@ class B:
         system: System,
         *,
         credentials: Credentials,
-        authority: Authority | None = None,
+        authority: Any = None,
         loop: asyncio.AbstractEventLoop | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
     ) -> None:
@@ -706,6 +705,8 @@ def start(
         raise TypeError("system options can only be given with a system name")
     if not isinstance(system, System):
         raise TypeError(f"system must be a name or a System, not {type(system).__name__}")
+    from .h2rpc.authority import Authority
+
     authority = Authority.load_or_create(ca_path) if ca_path is not None else Authority.create()
     credentials = authority.issue("bigpool-driver", ips=["127.0.0.1"], dns=["localhost"])
     b = B(system, credentials=credentials, authority=authority, boot_timeout=boot_timeout)

@@ -875,8 +875,9 @@ class BigPool:
         assert self._b is not None
         self._b._loop.call_soon_threadsafe(self._scheduler.add, refs)
 
-    def _chunk(self, job: _Job, index: int, func: _Function, tasks: list[tuple[Any, ...]],
+    def _chunk(self, job: _Job, index: int, func: _Function, tasks: list[Any],
                star: bool) -> _ChunkRef:
+        """A chunk of ``tasks``: argument tuples if ``star``, else single arguments."""
         args = dumps(tasks)
         return _ChunkRef(job, index, func, args, len(tasks), star, next(self._chunk_ids))
 
@@ -970,8 +971,7 @@ class BigPool:
             for index, start in enumerate(range(0, len(items), chunksize)):
                 tasks = items[start : start + chunksize]
                 refs.append(self._chunk(result, index, function,
-                                        [tuple(t) for t in tasks] if star else [(t,) for t in tasks],
-                                        star=True))
+                                        [tuple(t) for t in tasks] if star else tasks, star=star))
         except Exception as exc:
             result._finish(False, exc.cause if isinstance(exc, _EncodeError) else exc)
             return result
@@ -1020,11 +1020,11 @@ class BigPool:
                 return
             if not result.wait_for_room(index, window):
                 return
-            tasks: list[tuple[Any, ...]] = []
+            tasks: list[Any] = []
             failure: BaseException | None = None
             try:
                 for item in itertools.islice(iterator, chunksize):
-                    tasks.append((item,))
+                    tasks.append(item)
             except Exception as exc:
                 # As the stdlib: items read before the error in a partial chunk are dropped,
                 # and the error takes the next position.
@@ -1032,7 +1032,7 @@ class BigPool:
                 tasks = []
             if tasks:
                 try:
-                    ref = self._chunk(result, index, function, tasks, star=True)
+                    ref = self._chunk(result, index, function, tasks, star=False)
                 except Exception as exc:
                     result.deliver(index, False, exc.cause if isinstance(exc, _EncodeError) else exc)
                 else:

@@ -84,8 +84,11 @@ MAX_YIELD_BYTES = 1 << 20
 # current one (one-deep prefetch), hiding the round trip for tiny chunks. Longer chunks are
 # sent one at a time, so a queued chunk never waits behind a long one while a worker idles.
 PREFETCH_BELOW_SECONDS = 0.005
-# How many chunks such a worker may hold at once (running + sent ahead).
-PREFETCH_DEPTH = 2
+# How much work (seconds) a worker on tiny chunks may hold ahead, and the most chunks that is:
+# enough that it never waits on the machine between chunks, little enough that the machine's
+# queue (which the driver balances across machines) keeps the rest.
+PREFETCH_SECONDS = 0.002
+PREFETCH_DEPTH = 64
 # Backoff for replacing workers that die before they are ready (a broken environment).
 RESPAWN_BACKOFF_INITIAL = 0.1
 RESPAWN_BACKOFF_MAX = 5.0
@@ -97,7 +100,8 @@ class Chunk:
 
     ``func`` (the dill pickle of the function) must come with, or before, the first chunk using
     ``func_id`` on a machine; later chunks may send ``None``. ``args`` is a pickle (plain or
-    dill) of a list of argument tuples; ``star`` chooses ``func(*t)`` over ``func(t[0])``.
+    dill) of the chunk's tasks: with ``star`` argument tuples, called as ``func(*t)``; without,
+    single arguments, called as ``func(x)`` (no tuple per task to build and pickle).
     """
 
     chunk_id: int
@@ -695,7 +699,8 @@ class PoolWorkerService:
                 return
             if w.retiring or w.init_error is not None or w.last_seconds >= PREFETCH_BELOW_SECONDS:
                 continue
-            while queue and 0 < len(w.inflight) < PREFETCH_DEPTH:
+            depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / max(w.last_seconds, 1e-6))))
+            while queue and 0 < len(w.inflight) < depth:
                 self._send(w, queue.popleft())
 
     def _send(self, w: _Worker, chunk: Chunk) -> None:

@@ -64,8 +64,10 @@ def func_id(func: Callable[..., Any]) -> bytes:
 
 def chunk(chunk_id: int, func: Callable[..., Any], tasks: list[tuple[Any, ...]], *,
           star: bool = False, send_func: bool = True) -> Chunk:
+    """A chunk of ``tasks`` (argument tuples; without ``star`` the one argument is sent bare)."""
+    payload = tasks if star else [t[0] for t in tasks]
     return Chunk(chunk_id, func_id(func), dill.dumps(func) if send_func else None,
-                 pickle.dumps(tasks), star)
+                 pickle.dumps(payload), star)
 
 
 class Results:
