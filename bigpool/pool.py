@@ -182,7 +182,8 @@ class _EncodeError(Exception):
 class _ChunkRef:
     """One chunk of a job as the scheduler sees it."""
 
-    __slots__ = ("args", "attempts", "chunk_id", "func", "index", "job", "ntasks", "star")
+    __slots__ = ("args", "attempts", "blocking", "chunk_id", "func", "index", "job", "ntasks",
+                 "star")
 
     def __init__(self, job: _Job, index: int, func: _Function, args: bytes, ntasks: int,
                  star: bool, chunk_id: int) -> None:
@@ -194,6 +195,7 @@ class _ChunkRef:
         self.star = star
         self.attempts = 0
         self.chunk_id = chunk_id
+        self.blocking = False  # dispatched while its function was not known to be quick
 
 
 class _Job:
@@ -207,6 +209,10 @@ class _Job:
 
     def deliver(self, index: int, success: bool, value: Any) -> None:
         raise NotImplementedError
+
+    def encoding_error(self, exc_text: str, value_text: str) -> BaseException:
+        """The error for a result that could not be pickled (the stdlib's, per front door)."""
+        return MaybeEncodingError(exc_text, value_text)
 
     def abandon(self, exc: BaseException) -> None:
         """The pool is gone: fail whatever is still waiting."""
@@ -427,9 +433,13 @@ class _FutureJob(_Job):
     def __init__(self, pool: BigPool, future: concurrent.futures.Future[Any]) -> None:
         self.pool = pool
         self.future = future
+        self.started = False
 
     def start(self) -> bool:
+        if self.started:
+            return True  # dispatched again (taken back from a machine, or retried)
         if self.future.set_running_or_notify_cancel():
+            self.started = True
             return True
         pool, self.pool = self.pool, None
         if pool is not None:
@@ -443,6 +453,10 @@ class _FutureJob(_Job):
             pool._job_done(self)
             pool._run_callback(self._complete, (success, value))
 
+    def encoding_error(self, exc_text: str, value_text: str) -> BaseException:
+        # concurrent.futures raises the pickling error itself.
+        return TypeError(f"the result could not be pickled: {exc_text} (result: {value_text})")
+
     def _complete(self, outcome: tuple[bool, Any]) -> None:
         success, value = outcome
         if self.future.done():
@@ -453,10 +467,25 @@ class _FutureJob(_Job):
             self.future.set_exception(value)
 
     def abandon(self, exc: BaseException) -> None:
-        if self.future.cancel():
-            self.future.set_running_or_notify_cancel()
-            return
-        self.deliver(0, False, exc)
+        if not self.future.cancelled():
+            self.deliver(0, False, exc)
+
+
+def _parse_records(data: bytes | bytearray) -> tuple[list[Any], int]:
+    """The whole result records at the start of ``data``, and how many bytes they took."""
+    records = []
+    offset = 0
+    header = _RECORD_HEADER.size
+    with memoryview(data) as view:
+        while len(data) - offset >= header:
+            (size,) = _RECORD_HEADER.unpack_from(data, offset)
+            end = offset + header + size
+            if end > len(data):
+                break
+            with view[offset + header : end] as body:
+                records.append(pickle.loads(body))
+            offset = end
+    return records, offset
 
 
 # scheduling (runs on B's event loop) -------------------------------------------------------------
@@ -473,23 +502,12 @@ class _Feed:
         self.slots = max(1, machine.maxprocs)
         self.in_flight: dict[int, _ChunkRef] = {}
         self.sent_functions: set[bytes] = set()
-        self.chunk_seconds: float | None = None
         self.alive = True
         self.ready = False
         self.wakeup = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.stealing = False
-
-    @property
-    def capacity(self) -> int:
-        t = self.chunk_seconds
-        if t is None:
-            depth = 1  # until chunks are known to be quick, queue none behind another
-        elif t >= LONG_CHUNK_SECONDS:
-            depth = 1
-        else:
-            depth = max(2, min(MAX_DEPTH, 1 + math.ceil(QUEUED_SECONDS / max(t, 1e-6))))
-        return self.slots * depth
+        self.blocking = 0  # chunks in flight that may be long (see _send_loop)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -524,16 +542,34 @@ class _Feed:
         self.scheduler.feed_lost(self, BigpoolError(f"machine {machine.addr} ended its results"))
 
     async def _send_loop(self) -> None:
+        try:
+            await self._send_batches()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            _log.exception("sending to %s failed", self.machine.addr)
+            self.scheduler.feed_lost(self, exc)
+
+    async def _send_batches(self) -> None:
         scheduler = self.scheduler
         while True:
             batch: list[Chunk] = []
-            room = self.capacity - len(self.in_flight)
-            while room > 0 and len(batch) < MAX_BATCH:
-                ref = scheduler.take()
-                if ref is None:
+            while len(batch) < MAX_BATCH:
+                head = scheduler.peek()
+                if head is None:
                     break
+                depth = scheduler.depth(head.func.id)
+                # Nothing waits behind a chunk that may be long, and a chunk that may be long
+                # waits behind nothing: only quick chunks share a slot.
+                limit = self.slots if depth == 1 or self.blocking else self.slots * depth
+                if len(self.in_flight) >= limit:
+                    break
+                ref = scheduler.take()
+                assert ref is not None
                 if not ref.job.start():
                     continue
+                ref.blocking = depth == 1
+                self.blocking += ref.blocking
                 self.in_flight[ref.chunk_id] = ref
                 fid = ref.func.id
                 func = None
@@ -541,7 +577,6 @@ class _Feed:
                     self.sent_functions.add(fid)
                     func = ref.func.data
                 batch.append(Chunk(ref.chunk_id, fid, func, ref.args, ref.star))
-                room -= 1
             if not batch:
                 if len(self.in_flight) < self.slots:
                     scheduler.rebalance(self)
@@ -558,32 +593,32 @@ class _Feed:
                 return
 
     async def _read_loop(self, reader: StreamReader) -> None:
-        buffer = bytearray()
-        header = _RECORD_HEADER.size
+        pending = bytearray()  # the start of a record whose end has not arrived
         while True:
             data = await reader.read_chunk()
             if not data:
                 return
-            buffer += data
-            offset = 0
-            while len(buffer) - offset >= header:
-                (size,) = _RECORD_HEADER.unpack_from(buffer, offset)
-                if len(buffer) - offset - header < size:
-                    break
-                body = bytes(buffer[offset + header : offset + header + size])
-                offset += header + size
-                self._record(pickle.loads(body))
-            del buffer[:offset]
+            if pending:
+                pending += data
+                source: bytes | bytearray = pending
+            else:
+                source = data  # the common case: parse in place, no copy
+            records, used = _parse_records(source)
+            if source is pending:
+                del pending[:used]  # nothing when the record is still arriving
+            else:
+                pending = bytearray(memoryview(data)[used:]) if used < len(data) else bytearray()
+            for record in records:
+                self._record(record)
 
     def _record(self, record: tuple[int, int, Any, dict[str, Any]]) -> None:
         chunk_id, status, payload, info = record
-        ref = self.in_flight.pop(chunk_id, None)
+        ref = self.take_back(chunk_id)
         if ref is None or not self.alive:
             return
         seconds = info.get("seconds") if isinstance(info, dict) else None
         if isinstance(seconds, int | float):
-            t = float(seconds)
-            self.chunk_seconds = t if self.chunk_seconds is None else 0.8 * self.chunk_seconds + 0.2 * t
+            self.scheduler.measured(ref.func.id, float(seconds))
         self.wakeup.set()
         if status == OK:
             try:
@@ -596,9 +631,7 @@ class _Feed:
             self.scheduler.complete(ref, False, decode_error(payload))
         elif status == ENCODE_ERROR:
             exc_text, value_text = payload
-            self.scheduler.complete(
-                ref, False, MaybeEncodingError(exc_text, value_text)
-            )
+            self.scheduler.complete(ref, False, ref.job.encoding_error(exc_text, value_text))
         elif status == WORKER_DIED:
             details = payload if isinstance(payload, dict) else {}
             message = str(details.get("message") or "a worker process died running the task")
@@ -611,6 +644,14 @@ class _Feed:
             self.scheduler.retry(ref, error)
         else:
             self.scheduler.complete(ref, False, BigpoolError(f"unknown result status {status}"))
+
+    def take_back(self, chunk_id: int) -> _ChunkRef | None:
+        """Forget the in-flight chunk ``chunk_id`` (answered, lost or reclaimed)."""
+        ref = self.in_flight.pop(chunk_id, None)
+        if ref is not None and ref.blocking:
+            self.blocking -= 1
+            ref.blocking = False
+        return ref
 
     def stop(self) -> None:
         self.alive = False
@@ -627,6 +668,7 @@ class _Scheduler:
         self.pending: collections.deque[_ChunkRef] = collections.deque()
         self.feeds: list[_Feed] = []
         self.lost: list[tuple[str, BaseException]] = []
+        self.func_seconds: dict[bytes, float] = {}
 
     def add_machine(self, machine: Machine) -> None:
         feed = _Feed(self, machine)
@@ -645,9 +687,31 @@ class _Scheduler:
     def take(self) -> _ChunkRef | None:
         return self.pending.popleft() if self.pending else None
 
+    def peek(self) -> _ChunkRef | None:
+        return self.pending[0] if self.pending else None
+
+    def measured(self, func_id: bytes, seconds: float) -> None:
+        """A chunk of ``func_id`` took ``seconds`` on a worker (a moving average is kept)."""
+        previous = self.func_seconds.get(func_id)
+        self.func_seconds[func_id] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        if len(self.func_seconds) > 4096:
+            self.func_seconds.pop(next(iter(self.func_seconds)))
+
+    def depth(self, func_id: bytes) -> int:
+        """Chunks of ``func_id`` a worker slot may have in flight (running + queued).
+
+        Timing is kept per function, so what one job taught says nothing about the next.
+        """
+        t = self.func_seconds.get(func_id)
+        if t is None:
+            return 1  # until its chunks are known to be quick, queue none behind another
+        if t >= LONG_CHUNK_SECONDS:
+            return 1
+        return max(2, min(MAX_DEPTH, 1 + math.ceil(QUEUED_SECONDS / max(t, 1e-6))))
+
     def _wake(self) -> None:
         for feed in self.feeds:
-            if feed.ready and len(feed.in_flight) < feed.capacity:
+            if feed.ready:
                 feed.wakeup.set()
 
     def rebalance(self, idle: _Feed) -> None:
@@ -675,7 +739,7 @@ class _Scheduler:
             return  # the machine is going away: its loss requeues everything anyway
         finally:
             victim.stealing = False
-        refs = [victim.in_flight.pop(i) for i in dropped if i in victim.in_flight]
+        refs = [ref for ref in map(victim.take_back, dropped) if ref is not None]
         if refs and victim.alive:
             self.pending.extendleft(reversed(refs))
             self._wake()
@@ -709,7 +773,8 @@ class _Scheduler:
             exitcode=getattr(reason, "returncode", None),
         )
         refs = sorted(feed.in_flight.values(), key=lambda r: r.chunk_id, reverse=True)
-        feed.in_flight.clear()
+        for ref in refs:
+            feed.take_back(ref.chunk_id)
         for ref in refs:
             self.retry(ref, error)
         feed.stop()
@@ -773,6 +838,7 @@ class BigPool:
         system: str | System = "local",
         services: Mapping[str, object] | None = None,
         retries: int = 3,
+        _fail_on_start: bool = True,
         **system_options: Any,
     ) -> None:
         if processes is None:
@@ -821,7 +887,12 @@ class BigPool:
             self._scheduler = _Scheduler(self, retries)
             self._machines = self._b.start(count, services=all_services)
             self._b._run(self._attach(self._machines))
-            self._wait_first_machine()
+            try:
+                self._wait_first_machine()
+            except BrokenExecutor as exc:
+                if _fail_on_start:
+                    raise
+                self._broken = exc  # every task will fail with it, as the stdlib's would
         except BaseException:
             self._shutdown_machines()
             raise
@@ -1167,7 +1238,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
         try:
             self._pool = BigPool(max_workers, initializer, initargs, max_tasks_per_child,
                                  system=system, services=services, retries=retries,
-                                 **system_options)
+                                 _fail_on_start=False, **system_options)
         except BrokenExecutor:
             raise
         except BigpoolError as exc:
@@ -1179,8 +1250,6 @@ class BigPoolExecutor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         with self._shutdown_lock:
-            if self._pool._broken is not None:
-                raise BrokenExecutor(str(self._pool._broken))
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future: concurrent.futures.Future[Any] = concurrent.futures.Future()

@@ -300,6 +300,8 @@ class PoolWorkerService:
         self._all: set[_Worker] = set()  # every process not yet reaped
         self._queue: collections.deque[Chunk] = collections.deque()
         self._funcs: dict[bytes, bytes] = {}
+        # Seconds the last chunk of each function took here: decides what may be sent ahead.
+        self._func_seconds: dict[bytes, float] = {}
         self._records: collections.deque[bytes] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._consumer = 0
@@ -549,10 +551,11 @@ class PoolWorkerService:
     def _on_result(self, w: _Worker, ntasks: int, body: bytes) -> None:
         if not w.inflight:
             return  # cannot happen: a worker answers only chunks it was sent
-        _, sent = w.inflight.popleft()
+        chunk, sent = w.inflight.popleft()
         now = time.monotonic()
         w.last_seconds = now - max(sent, w.last_result_at)
         w.last_result_at = now
+        self._func_seconds[chunk.func_id] = w.last_seconds
         w.tasks_done += ntasks
         self._done += 1
         self._emit(LENGTH.pack(len(body)) + body)
@@ -700,8 +703,16 @@ class PoolWorkerService:
             if w.retiring or w.init_error is not None or w.last_seconds >= PREFETCH_BELOW_SECONDS:
                 continue
             depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / max(w.last_seconds, 1e-6))))
-            while queue and 0 < len(w.inflight) < depth:
+            # Only quick chunks go ahead, and only behind quick ones: a chunk sent ahead cannot
+            # be taken back, so it must not wait behind one that may run long.
+            while queue and 0 < len(w.inflight) < depth and self._quick(queue[0]) and all(
+                self._quick(c) for c, _ in w.inflight
+            ):
                 self._send(w, queue.popleft())
+
+    def _quick(self, chunk: Chunk) -> bool:
+        seconds = self._func_seconds.get(chunk.func_id)
+        return seconds is not None and seconds < PREFETCH_BELOW_SECONDS
 
     def _send(self, w: _Worker, chunk: Chunk) -> None:
         func: bytes | None = None
