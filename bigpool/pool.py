@@ -728,7 +728,11 @@ class _Scheduler:
         if excess <= 0:
             return
         # The most recently sent chunks are the likeliest to be still queued.
-        ids = list(victim.in_flight)[-((excess + 1) // 2) :]
+        refs = list(victim.in_flight.values())[-((excess + 1) // 2) :]
+        queued_seconds = sum(self.func_seconds.get(r.func.id, LONG_CHUNK_SECONDS) for r in refs)
+        if queued_seconds < LONG_CHUNK_SECONDS:
+            return  # the victim drains that faster than taking it back would pay off
+        ids = [r.chunk_id for r in refs]
         victim.stealing = True
         victim.tasks.append(asyncio.get_running_loop().create_task(self._take_back(victim, ids)))
 

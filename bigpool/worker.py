@@ -166,6 +166,9 @@ class _Worker:
         self.func_ids: set[bytes] = set()
         # Chunks sent and not answered, oldest (running) first, with when they were sent.
         self.inflight: collections.deque[tuple[Chunk, float]] = collections.deque()
+        # How many of those were not known to be quick when sent (nothing goes ahead of them).
+        self.unquick = 0
+        self.unquick_ids: set[int] = set()
         self.tasks_done = 0
         self.last_seconds = float("inf")
         self.last_result_at = 0.0
@@ -552,6 +555,9 @@ class PoolWorkerService:
         if not w.inflight:
             return  # cannot happen: a worker answers only chunks it was sent
         chunk, sent = w.inflight.popleft()
+        if chunk.chunk_id in w.unquick_ids:
+            w.unquick_ids.discard(chunk.chunk_id)
+            w.unquick -= 1
         now = time.monotonic()
         w.last_seconds = now - max(sent, w.last_result_at)
         w.last_result_at = now
@@ -705,9 +711,7 @@ class PoolWorkerService:
             depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / max(w.last_seconds, 1e-6))))
             # Only quick chunks go ahead, and only behind quick ones: a chunk sent ahead cannot
             # be taken back, so it must not wait behind one that may run long.
-            while queue and 0 < len(w.inflight) < depth and self._quick(queue[0]) and all(
-                self._quick(c) for c, _ in w.inflight
-            ):
+            while queue and 0 < len(w.inflight) < depth and not w.unquick and self._quick(queue[0]):
                 self._send(w, queue.popleft())
 
     def _quick(self, chunk: Chunk) -> bool:
@@ -729,6 +733,9 @@ class PoolWorkerService:
                 return
             w.func_ids.add(chunk.func_id)
         w.inflight.append((chunk, time.monotonic()))
+        if not self._quick(chunk):
+            w.unquick += 1
+            w.unquick_ids.add(chunk.chunk_id)
         w.send(("run", chunk.chunk_id, chunk.func_id, func, chunk.args, chunk.star))
 
     def _fail_init(self, w: _Worker, chunk: Chunk) -> None:
