@@ -462,22 +462,27 @@ class PoolWorkerService:
             self._monitor.cancel()
         workers = list(self._all)
         self._workers.clear()
-        for w in workers:
-            w.close_input()
-            with contextlib.suppress(OSError):
-                w.proc.terminate()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TERMINATE_GRACE
-        while any(w.proc.poll() is None for w in workers) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for w in workers:
-            if w.proc.poll() is None:
+        try:
+            for w in workers:
+                w.close_input()
                 with contextlib.suppress(OSError):
-                    w.proc.kill()
-        for w in workers:
-            while w.proc.poll() is None:
-                await asyncio.sleep(0.01)
-            w.close_pipes()
+                    w.proc.terminate()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + TERMINATE_GRACE
+            while any(w.proc.poll() is None for w in workers) and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            for w in workers:
+                if w.proc.poll() is None:
+                    with contextlib.suppress(OSError):
+                        w.proc.kill()
+            for w in workers:
+                while w.proc.poll() is None:
+                    await asyncio.sleep(0.01)
+                w.close_pipes()
+        except BaseException:
+            # Cancelled half way (the machine is being torn down): finish the job at once.
+            self._kill_all()
+            raise
 
     # workers ------------------------------------------------------------------------------
 
@@ -768,15 +773,23 @@ class PoolWorkerService:
             if not self._closed:
                 self._kill_all()
 
+    def _bigpool_close(self) -> None:
+        """Called by in-process systems when the machine goes away: no worker may stay."""
+        if self._all:
+            self._kill_all()
+
     def _kill_all(self) -> None:
         self._closed = True
         for w in list(self._all):
-            with contextlib.suppress(OSError):
-                w.proc.kill()
+            if w.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    w.proc.kill()
         for w in list(self._all):  # the loop is closing: block a moment to reap them
             with contextlib.suppress(subprocess.TimeoutExpired):
                 w.proc.wait(1.0)
             w.close_pipes()
+            if w.proc.stderr is not None and w.proc.stderr.closed is False and not w.read_transports:
+                w.proc.stderr.close()
 
 
 def _how(exitcode: int) -> str:

@@ -124,6 +124,11 @@ class TestSystem:
             if runtime is not None:
                 runtime.server.abort()
                 runtime.b._client.abort()
+                # Services that own processes (the pool's workers) end them with the machine.
+                for service in runtime.server.services.values():
+                    close = getattr(service, "_bigpool_close", None)
+                    if callable(close):
+                        close()
                 if runtime._watchdog is not None:
                     runtime._watchdog.cancel()
 
