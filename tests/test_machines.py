@@ -49,6 +49,13 @@ class Service:
     def pid(self) -> int:
         return os.getpid()
 
+    def spin_for(self, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+        return n
+
     def chatter(self, n: int) -> None:
         for i in range(n):
             print(f"line {i}")
@@ -381,3 +388,13 @@ def test_supervisor_reports_and_profiles() -> None:
         assert expvars["services"] == ["S", "Supervisor"] and expvars["uptime_seconds"] > 0
         with pytest.raises(ValueError, match="unknown profile"):
             m.call("Supervisor.profile", "nope")
+
+
+def test_cpu_profile_names_the_busy_function() -> None:
+    with bigpool.start("local") as b:
+        (m,) = booted(b, 1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(m.call, "S.spin_for", 4.0, timeout=60)
+            profile = m.call("Supervisor.cpu_profile", 1, timeout=60).read().decode()
+            assert busy.result(timeout=60) > 0
+        assert "spin_for" in profile, profile[:2000]
