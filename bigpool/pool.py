@@ -53,7 +53,7 @@ import dill
 
 from .h2rpc import BigpoolError, StreamReader
 from .h2rpc.errors import decode_error
-from .h2rpc.wire import pickle_value
+from .h2rpc.wire import encode_value, pickle_value
 from .machine import B, Machine, State
 from .machine import start as start_driver
 from .systems import System
@@ -127,14 +127,6 @@ class PoolTerminatedError(BigpoolError):
 # encoding ---------------------------------------------------------------------------------------
 
 
-_dumps = pickle_value
-
-
-def dumps(value: Any) -> bytes:
-    """Pickle ``value`` for a machine (see :func:`bigpool.h2rpc.wire.pickle_value`)."""
-    return pickle_value(value)[0]
-
-
 class _Function:
     """A function pickled once, with the id machines cache it by."""
 
@@ -158,7 +150,7 @@ def _function(func: Callable[..., Any]) -> _Function:
     if cached is not None:
         return cached
     try:
-        data, by_value = _dumps(func)
+        data, by_value = pickle_value(func)
     except Exception as exc:
         raise _EncodeError(exc) from exc
     function = _Function(data)
@@ -986,7 +978,7 @@ class BigPool:
     def _chunk(self, job: _Job, index: int, func: _Function, tasks: list[Any],
                star: bool) -> _ChunkRef:
         """A chunk of ``tasks``: argument tuples if ``star``, else single arguments."""
-        args = dumps(tasks)
+        args = encode_value(tasks)
         return _ChunkRef(job, index, func, args, len(tasks), star, next(self._chunk_ids))
 
     # the multiprocessing.Pool interface ---------------------------------------------------------
@@ -1312,5 +1304,3 @@ def _chunked(iterable: Iterable[Any], size: int) -> Iterator[tuple[Any, ...]]:
 def _run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
     return [fn(*args) for args in chunk]
 
-
-Pool = BigPool

@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+from pool_support import wait_until
 
 import bigpool
 from bigpool import CallTimeoutError, KeepaliveConfig, NetworkError, State
@@ -25,14 +26,6 @@ from bigpool.h2rpc import Authority, Client, SyncStreamReader
 from bigpool.machine import MachineStoppedError, ServiceStartError
 from bigpool.systems.local import LocalSystem
 from bigpool.systems.test import TestSystem
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Service:

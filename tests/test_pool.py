@@ -8,22 +8,14 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
+from pool_support import wait_until
 
 from bigpool import BigPool, KeepaliveConfig, PoolTerminatedError, State, TaskLostError
 from bigpool.pool import IMAP_WINDOW_PER_SLOT
 from bigpool.systems.local import LocalSystem
 from bigpool.systems.test import TestSystem
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def slow_square(x: int) -> int:

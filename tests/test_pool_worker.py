@@ -23,6 +23,7 @@ from typing import Any
 import dill
 import psutil
 import pytest
+from pool_support import wait_until
 from pool_worker_tasks import (
     add,
     exit_three,
@@ -147,13 +148,6 @@ def ok_value(record: tuple[int, Any, dict[str, Any]]) -> Any:
     assert status == OK, record
     return dill.loads(payload)
 
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def alive(pid: int) -> bool:

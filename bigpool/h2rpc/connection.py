@@ -218,7 +218,6 @@ class InboundStream:
     """
 
     __slots__ = (
-        "_buffered",
         "_chunks",
         "_waiter",
         "conn",
@@ -237,7 +236,6 @@ class InboundStream:
         self.headers: Headers | None = None
         self.trailers: Headers | None = None
         self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
-        self._buffered = 0
         self.ended = False
         self.local_closed = False
         self.reset_code: int | None = None
@@ -256,7 +254,6 @@ class InboundStream:
             self.conn.ack(self.id, flow_controlled_length)
             return
         self._chunks.append((data, flow_controlled_length))
-        self._buffered += flow_controlled_length
         self._wake()
 
     def end(self) -> None:
@@ -294,7 +291,6 @@ class InboundStream:
         while True:
             if self._chunks:
                 data, length = self._chunks.popleft()
-                self._buffered -= length
                 self.conn.ack(self.id, length)
                 if data:
                     return data
@@ -323,7 +319,6 @@ class InboundStream:
         while self._chunks:
             _, length = self._chunks.popleft()
             self.conn.ack(self.id, length)
-        self._buffered = 0
 
 
 class H2Connection(asyncio.Protocol):
