@@ -17,7 +17,8 @@ machine, which forwards it and keeps the last lines to explain a death. The work
 its command pipe ends, and also when its parent changes (the machine died), so no worker
 outlives its machine. It ignores SIGINT: the machine alone decides when it stops.
 
-This module imports only the standard library, dill and :mod:`bigpool.pool_wire` at start (the error encoder is loaded
+This module imports only the standard library, dill, :mod:`bigpool.pool_wire` and
+:mod:`bigpool._malloc` at start (the error encoder is loaded
 on the first error), so a worker starts as fast as the ``bigpool`` package allows.
 """
 
@@ -35,6 +36,7 @@ from typing import IO, Any
 
 import dill
 
+from bigpool._malloc import tune_malloc
 from bigpool.pool_wire import Result, decode_chunk, encode_result
 
 # Result status codes (see bigpool.worker, which re-exports them).
@@ -190,6 +192,7 @@ def _exit(code: int) -> None:
 def main() -> None:
     """Serve the machine until the command pipe ends (never returns: exits the process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_malloc()
     ppid = os.getppid()
     _watch_parent(ppid)
     read_fd, write_fd = (int(fd) for fd in os.environ.pop(ENV_FDS).split(","))

@@ -9,7 +9,7 @@ How a task travels::
       ▼
     _Job ──chunks──> _Scheduler.pending ──> _Feed (one per machine) ──submit_stream──> BigPoolWorker
                                              │  keeps slots x depth chunks              │ worker
-                                             │  in flight, several per RPC              │ processes
+                                             │  in flight on one streamed call          │ processes
                                              ▼                                           ▼
     get()/next() <── _Job._deliver <── results stream (records as chunks finish) <──────┘
     callbacks run on the pool's callback thread
@@ -53,6 +53,7 @@ from typing import Any
 import dill
 
 from ._function_cache import pickle_function
+from ._malloc import tune_malloc
 from .h2rpc import BigpoolError, StreamReader
 from .h2rpc.errors import decode_error
 from .h2rpc.wire import pickle_value
@@ -859,6 +860,7 @@ class BigPool:
         self._callback_thread.start()
         self._b: B | None = None
         try:
+            tune_malloc()
             self._b = start_driver(system, **system_options)
             maxprocs = self._b.system.maxprocs()
             count = _machines_for(processes, maxprocs)
