@@ -37,7 +37,7 @@ from typing import IO, Any
 import dill
 
 from bigpool._malloc import tune_malloc
-from bigpool.pool_wire import Result, decode_chunk, encode_result
+from bigpool.pool_wire import WORKER_FUNCTIONS, LRUTable, Result, decode_chunk, encode_result
 
 # Result status codes (see bigpool.worker, which re-exports them).
 OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED = 0, 1, 2, 3
@@ -166,19 +166,25 @@ def _watch_parent(ppid: int) -> None:
     threading.Thread(target=watch, name="bigpool-worker-parent-watch", daemon=True).start()
 
 
-def _load_function(func_id: bytes, func: bytes | None, cache: dict[bytes, Any]) -> Any:
-    """The function for ``func_id`` (cached), or a :class:`LoadFailure` (cached too)."""
-    found = cache.get(func_id)
-    if found is not None:
-        return found
+def _load_function(func_id: bytes, func: bytes | None, cache: LRUTable[bytes, Any]) -> Any:
+    """The function for ``func_id`` (cached), or a :class:`LoadFailure` (cached too).
+
+    The machine sends a function's pickle exactly when this worker's table (kept in step with
+    the machine's record of it) does not hold it.
+    """
     if func is None:
+        found = cache.touch(func_id)
+        if found is not None:
+            return found
         return LoadFailure(_encode_error(
             LookupError(f"function {func_id!r} was never sent to this worker")))
     try:
         loaded = dill.loads(func)
+        if loaded is None:
+            raise TypeError("the function unpickled to None")
     except Exception as exc:
         loaded = LoadFailure(_encode_error(exc))
-    cache[func_id] = loaded
+    cache.put(func_id, loaded)
     return loaded
 
 
@@ -217,7 +223,7 @@ def main() -> None:
             init_error = _encode_error(exc)
     _send(writer, MSG_READY, 0, [pickle.dumps((os.getpid(), init_error), protocol=5)])
 
-    cache: dict[bytes, Any] = {}
+    cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
     while True:
         body = _read_record(reader)
         if body is None:

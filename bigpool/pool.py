@@ -59,7 +59,16 @@ from .h2rpc.errors import decode_error
 from .h2rpc.wire import pickle_value
 from .machine import B, Machine, State
 from .machine import start as start_driver
-from .pool_wire import INLINE_LIMIT, Buffer, Chunk, Result, ResultDecoder, encode_chunk
+from .pool_wire import (
+    DRIVER_FUNCTIONS,
+    INLINE_LIMIT,
+    Buffer,
+    Chunk,
+    LRUTable,
+    Result,
+    ResultDecoder,
+    encode_chunk,
+)
 from .systems import System
 from .worker import (
     ENCODE_ERROR,
@@ -476,7 +485,8 @@ class _Feed:
         self.machine = machine
         self.slots = max(1, machine.maxprocs)
         self.in_flight: dict[int, _ChunkRef] = {}
-        self.sent_functions: set[bytes] = set()
+        # What the machine has: kept in step with its own table (see pool_wire.Chunk).
+        self.sent_functions: LRUTable[bytes, bool] = LRUTable(DRIVER_FUNCTIONS)
         self.alive = True
         self.ready = False
         self.wakeup = asyncio.Event()
@@ -566,8 +576,8 @@ class _Feed:
             self.in_flight[ref.chunk_id] = ref
             fid = ref.func.id
             func = None
-            if fid not in self.sent_functions:
-                self.sent_functions.add(fid)
+            if self.sent_functions.touch(fid) is None:
+                self.sent_functions.put(fid, True)
                 func = ref.func.data
             for part in encode_chunk(Chunk(ref.chunk_id, fid, func, ref.args, ref.star,
                                            ref.args_dill)):

@@ -28,14 +28,19 @@ the very bytes between the driver and its worker processes.
 
 from __future__ import annotations
 
+import collections
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = [
+    "DRIVER_FUNCTIONS",
+    "MACHINE_FUNCTIONS",
     "MAX_RECORD",
+    "WORKER_FUNCTIONS",
     "Chunk",
     "ChunkDecoder",
+    "LRUTable",
     "RecordAssembler",
     "RecordError",
     "Result",
@@ -51,6 +56,11 @@ CHUNK_HEADER = struct.Struct(">BQBI")
 RESULT_HEADER = struct.Struct(">QBBid")
 FLAG_STAR = 1
 FLAG_DILL = 2
+# Functions remembered: by a driver per machine (as sent), by a machine (as received; never
+# fewer than the driver's), and by a machine per worker process and that worker (the same).
+DRIVER_FUNCTIONS = 256
+MACHINE_FUNCTIONS = 512
+WORKER_FUNCTIONS = 128
 # Largest record a decoder accepts (a bound on what one peer's record can make us allocate).
 MAX_RECORD = (1 << 32) - 1
 # Arguments at least this large are sent as their own buffer rather than copied into the
@@ -60,7 +70,7 @@ INLINE_LIMIT = 64 * 1024
 Buffer = bytes | bytearray | memoryview
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Chunk:
     """A chunk of tasks for a machine's :class:`~bigpool.worker.PoolWorkerService`.
 
@@ -68,6 +78,11 @@ class Chunk:
     ``func_id`` on a machine; later chunks may send ``None``. ``args`` is a pickle (plain or
     dill) of the chunk's tasks: with ``star`` argument tuples, called as ``func(*t)``; without,
     single arguments, called as ``func(x)`` (no tuple per task to build and pickle).
+
+    Each side remembers the functions it was sent in a least-recently-used table, touched by
+    every chunk in the order chunks travel: the sender's table (``*_FUNCTIONS`` below) is never
+    larger than the receiver's, so whatever the sender still remembers having sent, the
+    receiver still has, and a long-running pool of ever-new lambdas holds bounded memory.
     """
 
     chunk_id: int
@@ -90,13 +105,48 @@ class Result:
     payload_dill: bool = True
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LRUTable(Generic[K, V]):
+    """A bounded mapping whose least recently used entry goes first; ``touch`` uses one."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[K, V] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def touch(self, key: K) -> V | None:
+        """The value for ``key``, now the most recently used; ``None`` if absent."""
+        entries = self._entries
+        value = entries.get(key)
+        if value is not None:
+            entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        """Set ``key`` (now the most recently used), dropping the least recent over capacity."""
+        entries = self._entries
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > self.capacity:
+            entries.popitem(last=False)
+
+
 class RecordError(ValueError):
     """Bytes that are not a well-formed record stream; the message says what is wrong."""
 
 
-def encode_chunk(chunk: Chunk) -> list[Buffer]:
-    """The buffers of ``chunk``'s record, to be written in order (large arguments uncopied)."""
-    func = chunk.func or b""
+def encode_chunk(chunk: Chunk, include_function: bool = True) -> list[Buffer]:
+    """The buffers of ``chunk``'s record, to be written in order (large arguments uncopied);
+    without ``include_function``, the record leaves the function out (the receiver has it)."""
+    func = (chunk.func or b"") if include_function else b""
     if len(chunk.func_id) > 255:
         raise ValueError(f"a function id has at most 255 bytes, not {len(chunk.func_id)}")
     size = CHUNK_HEADER.size + len(chunk.func_id) + len(func) + len(chunk.args)

@@ -58,9 +58,12 @@ from ._worker_main import (
 from .h2rpc import StreamReader
 from .h2rpc.errors import decode_error, encode_error
 from .pool_wire import (
+    MACHINE_FUNCTIONS,
+    WORKER_FUNCTIONS,
     Buffer,
     Chunk,
     ChunkDecoder,
+    LRUTable,
     RecordAssembler,
     Result,
     encode_chunk,
@@ -162,7 +165,8 @@ class _Worker:
         self.read_transports: list[asyncio.BaseTransport] = []
         self.ready: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self.init_error: bytes | None = None
-        self.func_ids: set[bytes] = set()
+        # The functions this worker has (it keeps the same table, touched in the same order).
+        self.func_ids: LRUTable[bytes, bool] = LRUTable(WORKER_FUNCTIONS)
         # Chunks sent and not answered, oldest (running) first, with when they were sent.
         self.inflight: collections.deque[tuple[Chunk, float]] = collections.deque()
         # How many of those were not known to be quick when sent (nothing goes ahead of them).
@@ -185,9 +189,9 @@ class _Worker:
         frame = pickle.dumps(("init", initializer), protocol=5)
         self.transport.write(LENGTH.pack(len(frame)) + frame)
 
-    def send_chunk(self, chunk: Chunk) -> None:
+    def send_chunk(self, chunk: Chunk, include_function: bool) -> None:
         assert self.transport is not None
-        for part in encode_chunk(chunk):
+        for part in encode_chunk(chunk, include_function):
             self.transport.write(part)
 
     def close_input(self) -> None:
@@ -294,7 +298,7 @@ class PoolWorkerService:
         self._workers: list[_Worker] = []  # live, not retiring
         self._all: set[_Worker] = set()  # every process not yet reaped
         self._queue: collections.deque[Chunk] = collections.deque()
-        self._funcs: dict[bytes, bytes] = {}
+        self._funcs: LRUTable[bytes, bytes] = LRUTable(MACHINE_FUNCTIONS)
         # Seconds the last chunk of each function took here: decides what may be sent ahead.
         self._func_seconds: dict[bytes, float] = {}
         self._records: collections.deque[Buffer] = collections.deque()
@@ -377,11 +381,17 @@ class PoolWorkerService:
         if not isinstance(batch, list | tuple) or not all(isinstance(c, Chunk) for c in batch):
             raise TypeError("submit takes a list of Chunk")
         for chunk in batch:
-            if chunk.func is not None:
-                self._funcs.setdefault(chunk.func_id, chunk.func)
-            self._queue.append(chunk)
+            self._accept(chunk)
         self._dispatch()
         return len(batch)
+
+    def _accept(self, chunk: Chunk) -> None:
+        """Queue ``chunk`` holding its function's pickle (a later eviction cannot lose it)."""
+        if chunk.func is not None:
+            self._funcs.put(chunk.func_id, chunk.func)
+        else:
+            chunk.func = self._funcs.touch(chunk.func_id)
+        self._queue.append(chunk)
 
     async def submit_stream(self, records: StreamReader) -> int:
         """Queue chunks as their records arrive on ``records`` (:mod:`bigpool.pool_wire`), until
@@ -402,9 +412,7 @@ class PoolWorkerService:
                                    else "the service was not started (init was not called)")
             chunks = decoder.feed(data)
             for chunk in chunks:
-                if chunk.func is not None:
-                    self._funcs.setdefault(chunk.func_id, chunk.func)
-                self._queue.append(chunk)
+                self._accept(chunk)
             count += len(chunks)
             self._dispatch()
         if decoder.partial:
@@ -456,7 +464,8 @@ class PoolWorkerService:
         return dropped
 
     def stats(self, _: object = None) -> dict[str, Any]:
-        """``{"processes", "queued", "running", "done", "worker_pids", "worker_restarts"}``.
+        """``{"processes", "queued", "running", "done", "worker_pids", "worker_restarts",
+        "functions"}`` (``functions``: function pickles held, at most MACHINE_FUNCTIONS).
 
         ``running`` counts chunks sent to workers and not yet answered; ``worker_restarts``
         counts replacements (deaths and ``maxtasksperchild`` retirements).
@@ -469,6 +478,7 @@ class PoolWorkerService:
             "done": self._done,
             "worker_pids": [w.pid for w in workers],
             "worker_restarts": self._restarts,
+            "functions": len(self._funcs),
         }
 
     async def shutdown_workers(self, _: object = None) -> None:
@@ -745,10 +755,9 @@ class PoolWorkerService:
         return seconds is not None and seconds < PREFETCH_BELOW_SECONDS
 
     def _send(self, w: _Worker, chunk: Chunk) -> None:
-        func: bytes | None = None
-        if chunk.func_id not in w.func_ids:
-            func = self._funcs.get(chunk.func_id)
-            if func is None:
+        has_function = w.func_ids.touch(chunk.func_id) is not None
+        if not has_function:
+            if chunk.func is None:
                 error = LookupError(
                     f"chunk {chunk.chunk_id}: function {chunk.func_id!r} was never sent to "
                     "this machine (send Chunk.func with the first chunk using it)"
@@ -756,13 +765,12 @@ class PoolWorkerService:
                 self._done += 1
                 self._emit(_record(chunk.chunk_id, TASK_ERROR, encode_error(error), None, 0.0))
                 return
-            w.func_ids.add(chunk.func_id)
+            w.func_ids.put(chunk.func_id, True)
         w.inflight.append((chunk, time.monotonic()))
         if not self._quick(chunk):
             w.unquick += 1
             w.unquick_ids.add(chunk.chunk_id)
-        w.send_chunk(Chunk(chunk.chunk_id, chunk.func_id, func, chunk.args, chunk.star,
-                           chunk.args_dill))
+        w.send_chunk(chunk, include_function=not has_function)
 
     def _fail_init(self, w: _Worker, chunk: Chunk) -> None:
         """``w``'s initializer failed: the chunk fails with that error; ``w`` is retired and a

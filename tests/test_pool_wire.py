@@ -13,6 +13,7 @@ from bigpool.pool_wire import (
     INLINE_LIMIT,
     Chunk,
     ChunkDecoder,
+    LRUTable,
     RecordAssembler,
     RecordError,
     Result,
@@ -107,3 +108,13 @@ def test_a_header_with_more_fields_carries_them() -> None:
     out = assembler.feed(data[:5]) + assembler.feed(data[5:])
     assert [(fields, bytes(body)) for fields, body in out] == [((3, 2, 40), b"abc"),
                                                                ((0, 1, 0), b"")]
+
+
+def test_lru_table_drops_the_least_recently_used() -> None:
+    table: LRUTable[str, int] = LRUTable(2)
+    table.put("a", 1)
+    table.put("b", 2)
+    assert table.touch("a") == 1  # now b is the least recent
+    table.put("c", 3)
+    assert "b" not in table and table.touch("a") == 1 and table.touch("c") == 3
+    assert table.touch("b") is None and len(table) == 2
