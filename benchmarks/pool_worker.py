@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import struct
 import threading
 import time
 
 import dill
 
 import bigpool
-from bigpool.worker import SERVICE_NAME, Chunk, PoolWorkerService
+from bigpool.pool_wire import ResultDecoder
+from bigpool.worker import OK, SERVICE_NAME, Chunk, PoolWorkerService
 
 
 def noop(x: object) -> None:
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="give up after this many seconds")
     opts = parser.parse_args()
     b = bigpool.start(opts.system)
     try:
@@ -44,17 +46,20 @@ def main() -> None:
 
         def read() -> None:
             nonlocal got
-            buffer = b""
-            while got < n:
-                buffer += reader.read_chunk()
-                while len(buffer) >= 4:
-                    (size,) = struct.unpack(">I", buffer[:4])
-                    if len(buffer) < 4 + size:
-                        break
-                    pickle.loads(buffer[4 : 4 + size])
-                    buffer = buffer[4 + size :]
-                    got += 1
-            done.set()
+            decoder = ResultDecoder()
+            try:
+                while got < n:
+                    data = reader.read_chunk()
+                    if not data:
+                        return  # the stream ended early: main() reports the shortfall
+                    for result in decoder.feed(data):
+                        if result.status != OK:
+                            raise SystemExit(f"chunk {result.chunk_id} failed: status "
+                                             f"{result.status}")
+                        pickle.loads(result.payload)
+                        got += 1
+            finally:
+                done.set()
 
         threading.Thread(target=read, daemon=True).start()
         started = time.perf_counter()
@@ -62,7 +67,8 @@ def main() -> None:
             batch = [Chunk(i, b"noop", func if i == 0 else None, args, False)
                      for i in range(first, min(n, first + opts.batch))]
             m.call(f"{SERVICE_NAME}.submit", batch)
-        done.wait()
+        if not done.wait(opts.timeout) or got < n:
+            raise SystemExit(f"only {got} of {n} records arrived")
         elapsed = time.perf_counter() - started
         print(f"{opts.system}: {n} records in {elapsed:.2f}s = {n / elapsed:.0f} records/s "
               f"({opts.processes} worker(s))")

@@ -86,6 +86,7 @@ ZERO_COPY_DATA_BYTES = 16 * 1024
 _FRAME_HEADER = struct.Struct(">HBBBL")
 _DATA_FRAME_TYPE = 0x0
 _END_STREAM_FLAG = 0x1
+_PADDED_FLAG = 0x8
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -193,10 +194,31 @@ class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
 
     def __next__(self) -> Frame:
         # h2 4.1 names the buffer ``data``, later versions ``_data``.
-        pending: bytes = getattr(self, "_data", b"") or getattr(self, "data", b"")
+        pending: bytes | bytearray = getattr(self, "_data", b"") or getattr(self, "data", b"")
         if len(pending) >= 9:
-            self._validate_frame_length(int.from_bytes(pending[:3], "big"))
+            length = int.from_bytes(pending[:3], "big")
+            self._validate_frame_length(length)
+            if (isinstance(pending, bytearray) and pending[3] == _DATA_FRAME_TYPE
+                    and not pending[4] & _PADDED_FLAG and len(pending) >= 9 + length):
+                frame = self._data_frame(pending, length)
+                if frame is not None:
+                    return frame
         return super().__next__()
+
+    def _data_frame(self, pending: bytearray, length: int) -> Frame | None:
+        """An unpadded DATA frame taken off the buffer with one copy of its payload (h2 makes
+        two); ``None`` to leave an unusual one to h2."""
+        stream_id = int.from_bytes(pending[5:9], "big") & 0x7FFFFFFF
+        if not stream_id:
+            return None  # h2 raises the protocol error
+        frame = hyperframe.frame.DataFrame(stream_id)
+        frame.parse_flags(pending[4])
+        with memoryview(pending) as view:
+            frame.data = bytes(view[9 : 9 + length])
+        frame.body_len = length
+        del pending[: 9 + length]
+        new_frame = self._update_header_buffer(frame)
+        return new_frame if new_frame is not None else self.__next__()
 
     def _update_header_buffer(self, f: Frame | None) -> Frame | None:
         if isinstance(f, HeadersFrame | PushPromiseFrame | ContinuationFrame):
