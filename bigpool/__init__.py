@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         start,
     )
     from .pool import BigPool, BigPoolExecutor, BrokenExecutor, PoolTerminatedError, TaskLostError
+    from .supervisor import expvar_add, expvar_set
     from .systems import KeepaliveConfig, System, register_system
 
 __version__ = "0.1.0"
@@ -60,6 +61,8 @@ _EXPORTS = {
     "KeepaliveConfig": "systems",
     "System": "systems",
     "register_system": "systems",
+    "expvar_add": "supervisor",
+    "expvar_set": "supervisor",
 }
 
 __all__ = [
@@ -84,6 +87,8 @@ __all__ = [
     "TaskLostError",
     "__version__",
     "add_arguments",
+    "expvar_add",
+    "expvar_set",
     "register_system",
     "start",
 ]

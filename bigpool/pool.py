@@ -45,6 +45,7 @@ import pickle
 import queue
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -83,6 +84,9 @@ MAX_BATCH = 1024
 WORKER_STOP_TIMEOUT = 10.0
 # How long a lost machine's chunks wait for its system to say how it died (retries wait too).
 LOSS_DIAGNOSIS_WAIT = 2.0
+# Seconds over which the status page's throughput is averaged: long enough to smooth bursts of
+# chunk completions, short enough to show a slowdown within a refresh or two.
+THROUGHPUT_WINDOW = 10
 
 _RECORD_HEADER = struct.Struct(">I")
 _log = logging.getLogger("bigpool.pool")
@@ -661,6 +665,13 @@ class _Scheduler:
         self.feeds: list[_Feed] = []
         self.lost: list[tuple[str, BaseException]] = []
         self.func_seconds: dict[bytes, float] = {}
+        # Figures for the status page (tasks, not chunks; a failed chunk counts all its tasks).
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.tasks_retried = 0
+        self._done_per_second: collections.deque[list[int]] = collections.deque(
+            maxlen=THROUGHPUT_WINDOW + 1
+        )
 
     def add_machine(self, machine: Machine) -> None:
         feed = _Feed(self, machine)
@@ -740,7 +751,45 @@ class _Scheduler:
             self.pending.extendleft(reversed(refs))
             self._wake()
 
+    def status(self) -> dict[str, Any]:
+        """The pool's figures for the debug status page (called on B's loop).
+
+        ``queued``: tasks waiting on the driver; ``running``: tasks sent to machines and not
+        yet answered (a few of them queued there, to hide round trips); ``done``, ``failed``,
+        ``retried`` since the start; ``throughput_per_second`` over the last
+        :data:`THROUGHPUT_WINDOW` seconds.
+        """
+        now = int(time.monotonic())
+        recent = sum(n for second, n in self._done_per_second
+                     if now - THROUGHPUT_WINDOW <= second < now)
+        return {
+            "processes": self.pool._processes,
+            "machines_serving": len(self.feeds),
+            "machines_lost": len(self.lost),
+            "tasks": {
+                "queued": sum(ref.ntasks for ref in self.pending),
+                "running": sum(ref.ntasks for feed in self.feeds
+                               for ref in feed.in_flight.values()),
+                "done": self.tasks_done,
+                "failed": self.tasks_failed,
+                "retried": self.tasks_retried,
+            },
+            "throughput_per_second": recent / THROUGHPUT_WINDOW,
+        }
+
+    def _count(self, ref: _ChunkRef, success: bool) -> None:
+        if not success:
+            self.tasks_failed += ref.ntasks
+            return
+        self.tasks_done += ref.ntasks
+        now = int(time.monotonic())
+        if self._done_per_second and self._done_per_second[-1][0] == now:
+            self._done_per_second[-1][1] += ref.ntasks
+        else:
+            self._done_per_second.append([now, ref.ntasks])
+
     def complete(self, ref: _ChunkRef, success: bool, value: Any) -> None:
+        self._count(ref, success)
         try:
             ref.job.deliver(ref.index, success, value)
         except Exception:
@@ -751,6 +800,7 @@ class _Scheduler:
         if ref.attempts > self.retries:
             self.complete(ref, False, error)
             return
+        self.tasks_retried += ref.ntasks
         self.pending.appendleft(ref)
         self._wake()
 
@@ -821,7 +871,8 @@ class BigPool:
     system name or object; ``system_options`` go to its constructor. ``services`` are
     installed on every machine beside the pool's own (``p.machines`` gives the machines for
     direct calls). A task whose machine or worker dies is run again elsewhere up to
-    ``retries`` times.
+    ``retries`` times. ``debug`` (``"127.0.0.1:3333"``) serves the debug endpoint, whose
+    status page shows the pool's task counts (see :func:`bigpool.start`).
     """
 
     def __init__(
@@ -834,6 +885,7 @@ class BigPool:
         system: str | System = "local",
         services: Mapping[str, object] | None = None,
         retries: int = 3,
+        debug: str | None = None,
         _fail_on_start: bool = True,
         **system_options: Any,
     ) -> None:
@@ -867,7 +919,7 @@ class BigPool:
         self._callback_thread.start()
         self._b: B | None = None
         try:
-            self._b = start_driver(system, **system_options)
+            self._b = start_driver(system, debug=debug, **system_options)
             maxprocs = self._b.system.maxprocs()
             count = _machines_for(processes, maxprocs)
             initializer_data = None
@@ -881,6 +933,7 @@ class BigPool:
                     raise ValueError(f"the service name {SERVICE_NAME!r} is used by BigPool")
                 all_services[name] = obj
             self._scheduler = _Scheduler(self, retries)
+            self._b.add_status_provider("pool", self._scheduler.status)
             self._machines = self._b.start(count, services=all_services)
             self._b._run(self._attach(self._machines))
             try:
@@ -1217,6 +1270,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
         system: str | System = "local",
         services: Mapping[str, object] | None = None,
         retries: int = 3,
+        debug: str | None = None,
         **system_options: Any,
     ) -> None:
         if max_workers is not None:
@@ -1234,7 +1288,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
         try:
             self._pool = BigPool(max_workers, initializer, initargs, max_tasks_per_child,
                                  system=system, services=services, retries=retries,
-                                 _fail_on_start=False, **system_options)
+                                 debug=debug, _fail_on_start=False, **system_options)
         except BrokenExecutor:
             raise
         except BigpoolError as exc:

@@ -12,8 +12,6 @@ import asyncio
 import inspect
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import dill
 import psutil
 
+from . import pyspy
 from .h2rpc import StreamReader
 
 if TYPE_CHECKING:
@@ -42,18 +41,23 @@ _expvars_lock = threading.Lock()
 
 
 def expvar_add(name: str, delta: float = 1) -> None:
-    """Add ``delta`` to the counter ``name`` (published by ``Supervisor.expvars``)."""
+    """Add ``delta`` to the counter ``name`` of this process (thread-safe).
+
+    A machine's counters are published by ``Supervisor.expvars``, the driver's and every
+    machine's together at the debug endpoint's ``/debug/vars``.
+    """
     with _expvars_lock:
         _expvars[name] = _expvars.get(name, 0) + delta
 
 
 def expvar_set(name: str, value: Any) -> None:
-    """Set the gauge ``name`` to ``value`` (any JSON-like value)."""
+    """Set the gauge ``name`` of this process to ``value`` (any JSON-like value)."""
     with _expvars_lock:
         _expvars[name] = value
 
 
 def expvars_snapshot() -> dict[str, Any]:
+    """A copy of this process's published counters and gauges."""
     with _expvars_lock:
         return dict(_expvars)
 
@@ -169,10 +173,35 @@ class Supervisor:
             names.append("heap")
         return names
 
-    def profile(self, name: str) -> str:
-        """A named profile as text: ``threads`` (a py-spy dump of every thread) or ``heap``."""
+    def processes(self, include_self: bool = True) -> list[tuple[int, str]]:
+        """The ``(pid, role)`` of the processes a profile of this machine covers: its own
+        (role ``"machine"``, unless ``include_self`` is false) and those its services run
+        (role ``"worker"``: the pool's worker processes), as services report them through
+        an optional ``_bigpool_pids()`` method."""
+        found: list[tuple[int, str]] = [(os.getpid(), "machine")] if include_self else []
+        for service in list(self._runtime.server.services.values()):
+            pids = getattr(service, "_bigpool_pids", None)
+            if callable(pids):
+                found.extend((int(pid), "worker") for pid in pids())
+        return found
+
+    async def profile(self, request: str | dict[str, Any]) -> str:
+        """A named profile as text: ``threads`` (a py-spy dump of every thread of this
+        machine's process and of its worker processes) or ``heap`` (tracemalloc's top 100).
+
+        ``request`` is the name, or ``{"name": ..., "self": bool}``; ``self=False`` leaves this
+        process out of ``threads`` (the driver does so for machines that live in its own
+        process). Raises ``ValueError`` for an unknown name or a heap profile without
+        tracemalloc, :class:`bigpool.pyspy.PySpyError` if py-spy cannot attach.
+        """
+        name, include_self = _profile_request(request)
         if name == "threads":
-            return _py_spy(["dump", "--pid", str(os.getpid())], timeout=60)
+            processes = self.processes(include_self)
+            if not processes:
+                return ""
+            if len(processes) == 1:
+                return await pyspy.dump(processes[0][0])
+            return await pyspy.dump_processes(processes)
         if name == "heap":
             if not tracemalloc.is_tracing():
                 raise ValueError("heap profile needs tracemalloc (PYTHONTRACEMALLOC=1)")
@@ -180,21 +209,28 @@ class Supervisor:
             return "\n".join(str(s) for s in stats)
         raise ValueError(f"unknown profile {name!r}; available: {', '.join(self.profiles())}")
 
-    def cpu_profile(self, seconds: float = 30.0) -> Iterator[bytes]:
-        """A CPU profile of this process taken with py-spy for ``seconds``, as folded stacks."""
-        duration = float(seconds)
+    async def cpu_profile(self, request: float | dict[str, Any] = 30.0) -> Iterator[bytes]:
+        """A CPU profile of this machine taken with py-spy, as folded stacks (streamed).
+
+        ``request`` is the duration in seconds, or ``{"seconds": ..., "self": bool}``. The
+        machine's process and its worker processes (:meth:`processes`) are sampled at the
+        same time; each line starts with a ``process PID:"ROLE"`` frame, and a process that
+        could not be profiled leaves a ``# `` note line instead of failing the whole. Raises
+        ``ValueError`` for a duration outside (0, MAX_PROFILE_SECONDS].
+        """
+        if isinstance(request, dict):
+            seconds = request.get("seconds", 30.0)
+            include_self = bool(request.get("self", True))
+        else:
+            seconds, include_self = request, True
+        try:
+            duration = float(seconds)
+        except (TypeError, ValueError):
+            raise TypeError(f"profile duration must be a number of seconds, not {seconds!r}") from None
         if not 0 < duration <= MAX_PROFILE_SECONDS:
             raise ValueError(f"profile duration must be in (0, {MAX_PROFILE_SECONDS:g}] seconds")
-        with tempfile.TemporaryDirectory(prefix="bigpool-prof-") as tmp:
-            out = os.path.join(tmp, "profile.txt")
-            _py_spy(
-                ["record", "--pid", str(os.getpid()), "--duration", f"{max(1, round(duration))}",
-                 "--format", "raw", "--output", out, "--nonblocking"],
-                timeout=duration + 60,
-            )
-            with open(out, "rb") as f:
-                data = f.read()
-        return iter([data])
+        folded = await pyspy.record_processes(self.processes(include_self), duration)
+        return iter([folded.encode("utf-8")])
 
     async def register(self, registration: tuple[str, bytes]) -> None:
         """Install a service (name, dill pickle) and run its ``init(b)`` if it has one.
@@ -232,17 +268,12 @@ class ServiceUnpickleError(RuntimeError):
     """A service's pickle could not be loaded on the machine (a missing module, say)."""
 
 
-def _py_spy(args: list[str], timeout: float) -> str:
-    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(exe):
-        raise FileNotFoundError("py-spy is not installed on this machine (pip install py-spy)")
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        message = (proc.stderr or proc.stdout).strip()
-        if "ermission" in message or "ptrace" in message.lower():
-            message += (
-                " -- py-spy needs ptrace rights: run as root, grant CAP_SYS_PTRACE, or set "
-                "kernel.yama.ptrace_scope=0 (sysctl)"
-            )
-        raise RuntimeError(f"py-spy {args[0]} failed: {message}")
-    return proc.stdout
+def _profile_request(request: str | dict[str, Any]) -> tuple[str, bool]:
+    if isinstance(request, dict):
+        name = request.get("name")
+        include_self = bool(request.get("self", True))
+    else:
+        name, include_self = request, True
+    if not isinstance(name, str):
+        raise TypeError(f"profile takes a profile name, not {name!r}")
+    return name, include_self

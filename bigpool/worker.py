@@ -773,6 +773,10 @@ class PoolWorkerService:
             if not self._closed:
                 self._kill_all()
 
+    def _bigpool_pids(self) -> list[int]:
+        """The live worker processes, for the Supervisor's profiles of this machine."""
+        return [w.pid for w in self._workers if w.proc.poll() is None]
+
     def _bigpool_close(self) -> None:
         """Called by in-process systems when the machine goes away: no worker may stay."""
         if self._all:
