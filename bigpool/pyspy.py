@@ -21,13 +21,16 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-__all__ = ["PTRACE_HINT", "PySpyError", "dump_processes", "pyspy_path", "record", "record_processes"]
+__all__ = ["PTRACE_HINT", "PYSPY_ENV", "PySpyError", "dump_processes", "pyspy_path", "record", "record_processes"]
 
 PTRACE_HINT = (
-    "py-spy needs ptrace rights over the process: run as root, grant the capability "
-    "(setcap cap_sys_ptrace+ep $(which py-spy), or docker run --cap-add SYS_PTRACE), "
-    "or allow tracing non-children with sysctl kernel.yama.ptrace_scope=0"
+    "py-spy needs ptrace rights over the process: run as root, or grant CAP_SYS_PTRACE "
+    "(docker run --cap-add SYS_PTRACE; setcap cap_sys_ptrace+ep on the py-spy binary), or "
+    "allow tracing of non-child processes with sysctl kernel.yama.ptrace_scope=0"
 )
+# Names the py-spy executable to run (a copy with capabilities set, say); else PATH, then the
+# directory of this Python.
+PYSPY_ENV = "BIGPOOL_PYSPY"
 # Samples per second; the pprof period is derived from it.
 SAMPLE_RATE = 100
 # Slack on top of a recording's duration before py-spy is presumed stuck and killed.
@@ -49,7 +52,13 @@ class PySpyError(RuntimeError):
 
 
 def pyspy_path() -> str:
-    """The py-spy executable: on ``PATH``, else beside this Python (a virtualenv's bin)."""
+    """The py-spy executable: ``$BIGPOOL_PYSPY``, else on ``PATH``, else beside this Python
+    (a virtualenv's bin). ``FileNotFoundError`` saying so when there is none."""
+    configured = os.environ.get(PYSPY_ENV)
+    if configured:
+        if not os.access(configured, os.X_OK):
+            raise FileNotFoundError(f"${PYSPY_ENV} names {configured!r}, not an executable")
+        return configured
     found = shutil.which("py-spy")
     if found:
         return found

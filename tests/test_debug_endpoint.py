@@ -301,3 +301,59 @@ def test_debug_address_from_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> Non
         assert b.debug_url is None
     with pytest.raises(ValueError, match="port number"):
         bigpool.start("test", debug="127.0.0.1:http")
+
+
+def test_in_process_machines_are_profiled_once(tmp_path: Path) -> None:
+    gate, markers = tmp_path / "gate", tmp_path / "markers"
+    markers.mkdir()
+    pool = bigpool.BigPool(2, system="test", debug="127.0.0.1:0")
+    try:
+        result = pool.starmap_async(burn_until, [(str(gate), str(markers))] * 2, chunksize=1)
+        wait_until(lambda: len(os.listdir(markers)) == 2, 60, "both workers to start burning")
+        # Keep the driver's process busy too, so double counting would show.
+        in_driver = threading.Thread(target=burn_until, args=(str(gate), str(markers)), daemon=True)
+        in_driver.start()
+        wait_until(lambda: len(os.listdir(markers)) == 3, 60, "the driver to burn")
+        status, body, _ = get(f"{pool.b.debug_url}/debug/bigmachine/pprof/profile?seconds=1")
+        assert status == 200, body
+        profile = read(body)
+        assert samples_by_machine(profile, "burn_until").get("driver", 0) > 0
+        machines_of_pid: dict[int, set[str]] = {}
+        for sample in profile.samples:
+            machines_of_pid.setdefault(sample.num_labels["pid"], set()).add(sample.labels["machine"])
+        # The machines live in the driver's process: it is sampled once, as the driver.
+        assert machines_of_pid[os.getpid()] == {"driver"}
+        assert all(len(m) == 1 for m in machines_of_pid.values()), machines_of_pid
+        assert sorted(samples_by_machine(profile, "burn_until")) == sorted(
+            ["driver", *(m.addr for m in pool.machines)])
+        gate.touch()
+        result.get(timeout=60)
+    finally:
+        gate.touch()
+        pool.terminate()
+
+
+def test_without_ptrace_rights_the_error_says_how_to_grant_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from bigpool import pyspy
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run py-spy as an unprivileged user")
+    wrapper = tmp_path / "py-spy-as-nobody"
+    wrapper.write_text(f'#!/bin/sh\nexec {setpriv} --reuid=65534 --regid=65534 --clear-groups '
+                       f'{pyspy.pyspy_path()} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv(pyspy.PYSPY_ENV, str(wrapper))
+    with pytest.raises(pyspy.PySpyError) as caught:
+        asyncio.run(pyspy.dump(os.getpid()))
+    message = str(caught.value)
+    for text in (f"pid {os.getpid()}", "Permission Denied", "CAP_SYS_PTRACE", "ptrace_scope"):
+        assert text in message, message
+    with bigpool.start("test", debug="127.0.0.1:0") as b:
+        status, body, _ = get(f"{b.debug_url}/debug/bigmachine/pprof/profile?seconds=1")
+    assert status == 502, body
+    assert b"no process could be profiled" in body and b"CAP_SYS_PTRACE" in body, body

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DRIVER",
     "MAX_SECONDS",
+    "ProfileFailedError",
     "UnknownMachineError",
     "cpu_profile",
     "expvars",
@@ -55,6 +56,14 @@ INFO_TIMEOUT = 5.0
 PROFILE_SLACK = 60.0
 
 _started = time.time()
+
+
+class ProfileFailedError(RuntimeError):
+    """No process of those asked for could be profiled; ``notes`` say why, for each."""
+
+    def __init__(self, notes: list[str]) -> None:
+        self.notes = notes
+        super().__init__("no process could be profiled:\n" + "\n".join(notes))
 
 
 class UnknownMachineError(LookupError):
@@ -97,8 +106,8 @@ async def _gather(calls: dict[str, Coroutine[Any, Any, T]]) -> dict[str, T | Bas
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # profiles ----------------------------------------------------------------------------------
@@ -117,7 +126,8 @@ async def cpu_profile(b: B, seconds: int, machine: str | None = None) -> Profile
     The driver and every RUNNING machine with its worker processes are sampled over the same
     seconds. Samples carry ``machine`` (an address, or ``"driver"``), ``role`` and ``pid``
     labels. A machine that is not running, fails or dies part way adds a note and no
-    samples; the others are still there.
+    samples; the others are still there. Raises :class:`ProfileFailedError` when nobody
+    could be profiled (py-spy lacking ptrace rights everywhere, say), with every reason.
     """
     if not 1 <= seconds <= MAX_SECONDS:
         raise ValueError(f"seconds must be from 1 to {MAX_SECONDS}, not {seconds}")
@@ -136,6 +146,7 @@ async def cpu_profile(b: B, seconds: int, machine: str | None = None) -> Profile
     if include_driver:
         calls[DRIVER] = pyspy.record_processes([(os.getpid(), DRIVER)], seconds)
     results = await _gather(calls)
+    answered = 0
     for name, result in results.items():
         if isinstance(result, BaseException):
             state = ""
@@ -145,6 +156,12 @@ async def cpu_profile(b: B, seconds: int, machine: str | None = None) -> Profile
             profile.notes.append(f"{name}: profile lost{state}: {_describe(result)}")
             continue
         profile.add_folded(result, {"machine": name})
+        # Nothing at all is an idle process; only notes, processes py-spy could not attach to.
+        lines = [line for line in result.splitlines() if line.strip()]
+        if not lines or any(not line.startswith("#") for line in lines):
+            answered += 1
+    if not answered:
+        raise ProfileFailedError(profile.notes or ["nothing to profile: no machine is running"])
     return profile
 
 

@@ -110,6 +110,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(exc.code, "text/plain; charset=utf-8", exc.message.encode() + b"\n")
         except cluster.UnknownMachineError as exc:
             self._send(404, "text/plain; charset=utf-8", str(exc).encode() + b"\n")
+        except cluster.ProfileFailedError as exc:
+            self._send(502, "text/plain; charset=utf-8", str(exc).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as exc:
