@@ -159,11 +159,23 @@ class Supervisor:
         one, five, fifteen = psutil.getloadavg()
         return {"load1": one, "load5": five, "load15": fifteen, "cpus": psutil.cpu_count()}
 
-    def expvars(self) -> dict[str, Any]:
-        """This machine's published counters and gauges."""
+    async def expvars(self) -> dict[str, Any]:
+        """This machine's published counters and gauges (:func:`expvar_add`,
+        :func:`expvar_set`), its uptime and services, and under a service's name what the
+        service reports through an optional ``_bigpool_expvars()`` method (the pool's worker
+        service: its queue, workers and restarts). Runs on the machine's event loop, where
+        services keep their state."""
         snapshot = expvars_snapshot()
         snapshot["uptime_seconds"] = time.time() - self._started
-        snapshot["services"] = sorted(self._runtime.server.services)
+        services = dict(self._runtime.server.services)
+        snapshot["services"] = sorted(services)
+        for name, service in services.items():
+            report = getattr(service, "_bigpool_expvars", None)
+            if callable(report):
+                try:
+                    snapshot[name] = report()
+                except Exception as exc:
+                    snapshot[name] = {"error": f"{type(exc).__name__}: {exc}"}
         return snapshot
 
     def profiles(self) -> list[str]:

@@ -773,6 +773,10 @@ class PoolWorkerService:
             if not self._closed:
                 self._kill_all()
 
+    def _bigpool_expvars(self) -> dict[str, Any]:
+        """What the Supervisor's expvars show of this service: :meth:`stats`."""
+        return self.stats()
+
     def _bigpool_pids(self) -> list[int]:
         """The live worker processes, for the Supervisor's profiles of this machine."""
         return [w.pid for w in self._workers if w.proc.poll() is None]

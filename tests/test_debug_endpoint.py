@@ -165,6 +165,9 @@ def test_expvars_from_both_machines(burning: Burning) -> None:
     pids = {addr: machines[addr]["publisher_pid"] for addr in burning.addrs}
     assert pids == {m.addr: m.pid for m in burning.pool.machines}
     assert all(machines[a]["publisher_inits"] == 1 for a in burning.addrs)
+    for addr in burning.addrs:  # the pool's worker service reports itself
+        workers = machines[addr]["BigPoolWorker"]
+        assert workers["running"] == 1 and len(workers["worker_pids"]) == 1, workers
 
 
 def test_threads_dump_shows_every_process(burning: Burning) -> None:
@@ -225,7 +228,7 @@ def test_cli_status_through_python_m_bigpool(burning: Burning) -> None:
     for addr in burning.addrs:
         assert any(line.startswith(addr) and "RUNNING" in line
                    for line in proc.stdout.splitlines()), proc.stdout
-    assert "pool: " in proc.stdout and "running 2" in proc.stdout
+    assert "queued 0, running 2, done 0, failed 0, retried 0" in proc.stdout, proc.stdout
     refused = subprocess.run([sys.executable, "-m", "bigpool", "status", "127.0.0.1:1"],
                              capture_output=True, text=True, timeout=60, check=False)
     assert refused.returncode == 1 and "cannot reach" in refused.stderr

@@ -152,8 +152,8 @@ STATUS = {
 def test_status_html_names_every_machine_and_escapes() -> None:
     html = render_html(STATUS, refresh=5)
     for text in ("https://127.0.0.1:1/", "https://127.0.0.1:2/", "RUNNING", "STOPPED",
-                 "NetworkError: &lt;lost&gt;", "1h2m5s", "2.0 GiB / 8.0 GiB (25%)",
-                 "1.00 0.50 0.25", "1.5 2.2", "throughput per second", "queued",
+                 "NetworkError: &lt;lost&gt;", "1h2m5s", "2.0 GiB (25%) of 8.0 GiB",
+                 "1.00 0.50 0.25", "1.5 2.2", "2.5/s", "throughput", "queued", "50.0 MiB",
                  "content='5'"):
         assert text in html, text
     assert "<lost>" not in html

@@ -80,7 +80,7 @@ def _status(args: argparse.Namespace) -> None:
     body, _ = _get(f"{base}/debug/bigmachine/status?format=json", timeout=90)
     status: dict[str, Any] = json.loads(body)
     if args.json:
-        sys.stdout.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps(status, indent=2) + "\n")
     else:
         sys.stdout.write(render_text(status))
 

@@ -169,7 +169,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._json(self._run(cluster.expvars(self.server.b), QUICK_TIMEOUT))
 
     def _json(self, value: Any) -> None:
-        body = json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        body = json.dumps(value, indent=2, default=str).encode() + b"\n"
         self._send(200, "application/json", body)
 
     def index(self, params: dict[str, str]) -> None:
@@ -208,8 +208,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             text = prof.collapsed(group_by=by or None)
             self._send(200, "text/plain; charset=utf-8", text.encode(), headers)
             return
-        machines = sorted(prof.label_values("machine"))
-        title = f"CPU, {prof.duration_ns // 1_000_000_000} s: " + (", ".join(machines) or "no samples")
+        machines = prof.label_values("machine")
+        who = " + ".join(
+            part for part in ("driver" if cluster.DRIVER in machines else "",
+                              _count(len(machines - {cluster.DRIVER}), "machine")) if part
+        )
+        title = f"CPU, {prof.duration_ns // 1_000_000_000} s: {who or 'no samples'}"
         svg = flamegraph.render(prof.stacks(lines=False, group_by=by or None), title=title,
                                 notes=prof.notes)
         self._send(200, "image/svg+xml", svg.encode(), headers)
@@ -261,6 +265,10 @@ def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default
         shown = ", ".join(a for a in allowed if a)
         raise _HTTPError(400, f"{name} must be one of {shown}, not {value!r}")
     return value
+
+
+def _count(n: int, noun: str) -> str:
+    return "" if n == 0 else f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _notes_header(notes: list[str]) -> dict[str, str]:

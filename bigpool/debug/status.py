@@ -64,7 +64,7 @@ def _load(m: Mapping[str, Any]) -> str:
     if not all(isinstance(v, int | float) for v in values):
         return "-"
     cpus = load.get("cpus")
-    suffix = f" /{cpus} cpu" if isinstance(cpus, int) else ""
+    suffix = f" ({cpus} cpu)" if isinstance(cpus, int) else ""
     return " ".join(f"{v:.2f}" for v in values) + suffix
 
 
@@ -72,25 +72,29 @@ def _memory(m: Mapping[str, Any]) -> str:
     mem = m.get("mem")
     if not isinstance(mem, Mapping):
         return "-"
-    used, total, percent = mem.get("used"), mem.get("total"), mem.get("percent")
-    text = f"{human_bytes(used)} / {human_bytes(total)}"
-    if isinstance(percent, int | float):
-        text += f" ({percent:.0f}%)"
-    return text + f", process {human_bytes(mem.get('process_rss'))}"
+    return _used(mem)
+
+
+def _used(usage: Mapping[str, Any]) -> str:
+    percent = usage.get("percent")
+    share = f" ({percent:.0f}%)" if isinstance(percent, int | float) else ""
+    return f"{human_bytes(usage.get('used'))}{share} of {human_bytes(usage.get('total'))}"
+
+
+def _rss(m: Mapping[str, Any]) -> str:
+    return human_bytes(_get(m, "mem", "process_rss"))
 
 
 def _disk(m: Mapping[str, Any]) -> str:
     disk = m.get("disk")
     if not isinstance(disk, Mapping):
         return "-"
-    text = f"{human_bytes(disk.get('used'))} / {human_bytes(disk.get('total'))}"
-    percent = disk.get("percent")
-    return text + (f" ({percent:.0f}%)" if isinstance(percent, int | float) else "")
+    return _used(disk)
 
 
 def _keepalive(m: Mapping[str, Any]) -> str:
     times = m.get("keepalive_reply_ms") or []
-    return " ".join(f"{t:.1f}" for t in times[:5]) + (" ms" if times else "-")
+    return " ".join(f"{t:.1f}" for t in times[:3]) or "-"
 
 
 def _errors(m: Mapping[str, Any]) -> str:
@@ -101,8 +105,8 @@ def _errors(m: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-_COLUMNS = ("address", "state", "uptime", "procs", "load 1/5/15", "memory used", "disk used",
-            "keepalive (latest first)", "calls", "error")
+_COLUMNS = ("address", "state", "uptime", "procs", "load 1/5/15", "host memory used",
+            "machine RSS", "disk used", "keepalive ms", "calls", "error")
 
 
 def _row(m: Mapping[str, Any]) -> list[str]:
@@ -113,6 +117,7 @@ def _row(m: Mapping[str, Any]) -> list[str]:
         str(m.get("maxprocs", "-")),
         _load(m),
         _memory(m),
+        _rss(m),
         _disk(m),
         _keepalive(m),
         str(m.get("calls_in_flight", "-")),
@@ -126,6 +131,8 @@ def _figures(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str
         name = f"{prefix}{key}".replace("_", " ")
         if isinstance(value, Mapping):
             out.extend(_figures(value, f"{prefix}{key} " if prefix or key != "tasks" else ""))
+        elif name.endswith(" per second") and isinstance(value, int | float):
+            out.append((name.removesuffix(" per second"), f"{value:.1f}/s"))
         elif isinstance(value, float):
             out.append((name, f"{value:.1f}"))
         elif isinstance(value, list | tuple):
@@ -157,9 +164,9 @@ def render_html(status: Mapping[str, Any], *, refresh: int | None = None) -> str
         "h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.1em;margin-top:1.4em}"
         "table{border-collapse:collapse;font-size:.9em}"
         "th,td{border-bottom:1px solid #d0d7de;padding:4px 10px;text-align:left;"
-        "vertical-align:top}th{background:#f6f8fa}"
+        "vertical-align:top;white-space:nowrap}th{background:#f6f8fa}"
         "td.n{text-align:right;font-variant-numeric:tabular-nums}"
-        ".state{font-weight:600}.err{color:#cf222e;max-width:28em}"
+        ".state{font-weight:600}.err{color:#cf222e;white-space:normal;min-width:16em}"
         ".fig{display:inline-block;margin:0 1.4em .4em 0}.fig b{font-size:1.3em;display:block}"
         ".muted{color:#57606a}a{color:#0969da}</style></head><body>",
         "<h1>bigpool cluster</h1>",
@@ -181,7 +188,7 @@ def render_html(status: Mapping[str, Any], *, refresh: int | None = None) -> str
     out.append(f"<h2>machines ({len(machines)}: {escape(summary)})</h2><table><tr>")
     out.extend(f"<th>{escape(c)}</th>" for c in _COLUMNS)
     out.append("</tr>")
-    numeric = {2, 3, 8}
+    numeric = {2, 3, 6, 9}
     for m in machines:
         cells = _row(m)
         color = _STATE_COLORS.get(cells[1], "#1f2328")
