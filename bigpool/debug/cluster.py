@@ -176,7 +176,7 @@ async def threads(b: B, machine: str | None = None) -> str:
     include_driver, machines = select(b, machine)
     calls: dict[str, Coroutine[Any, Any, str]] = {}
     if include_driver:
-        calls[DRIVER] = pyspy.dump_processes([(os.getpid(), DRIVER)])
+        calls[DRIVER] = pyspy.dump(os.getpid())
     for m in machines:
         if m.state is State.RUNNING:
             request = {"name": "threads", "self": not _in_driver_process(m)}

@@ -162,11 +162,11 @@ def render_html(status: Mapping[str, Any], *, refresh: int | None = None) -> str
         "<title>bigpool status</title><style>"
         "body{font-family:system-ui,sans-serif;margin:1.5em;color:#1f2328}"
         "h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.1em;margin-top:1.4em}"
-        "table{border-collapse:collapse;font-size:.9em}"
-        "th,td{border-bottom:1px solid #d0d7de;padding:4px 10px;text-align:left;"
+        "table{border-collapse:collapse;font-size:.85em}"
+        "th,td{border-bottom:1px solid #d0d7de;padding:4px 7px;text-align:left;"
         "vertical-align:top;white-space:nowrap}th{background:#f6f8fa}"
         "td.n{text-align:right;font-variant-numeric:tabular-nums}"
-        ".state{font-weight:600}.err{color:#cf222e;white-space:normal;min-width:16em}"
+        ".state{font-weight:600}.err{color:#cf222e;white-space:normal;max-width:30em}"
         ".fig{display:inline-block;margin:0 1.4em .4em 0}.fig b{font-size:1.3em;display:block}"
         ".muted{color:#57606a}a{color:#0969da}</style></head><body>",
         "<h1>bigpool cluster</h1>",
