@@ -190,6 +190,11 @@ class Machine:
         await future
         return self._state
 
+    @property
+    def calls_in_flight(self) -> int:
+        """How many calls to this machine are under way (made through this handle)."""
+        return len(self._calls)
+
     def keepalive_reply_times(self) -> list[float]:
         """The latest keepalive round trips in seconds, most recent first."""
         return list(reversed(self._keepalive_times))

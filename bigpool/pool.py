@@ -1258,6 +1258,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
 
     Hands out real ``concurrent.futures.Future`` objects, so ``wait`` and ``as_completed``
     work. ``max_workers`` is the number of worker slots (default: this host's CPU count).
+    ``debug`` serves the debug endpoint, as for :class:`BigPool`.
     """
 
     def __init__(

@@ -217,8 +217,8 @@ class Supervisor:
         if name == "heap":
             if not tracemalloc.is_tracing():
                 raise ValueError("heap profile needs tracemalloc (PYTHONTRACEMALLOC=1)")
-            stats = tracemalloc.take_snapshot().statistics("lineno")[:100]
-            return "\n".join(str(s) for s in stats)
+            # A snapshot of a big heap takes a while: not on the loop that answers keepalives.
+            return await asyncio.get_running_loop().run_in_executor(None, heap_text)
         raise ValueError(f"unknown profile {name!r}; available: {', '.join(self.profiles())}")
 
     async def cpu_profile(self, request: float | dict[str, Any] = 30.0) -> Iterator[bytes]:
@@ -278,6 +278,12 @@ class Supervisor:
 
 class ServiceUnpickleError(RuntimeError):
     """A service's pickle could not be loaded on the machine (a missing module, say)."""
+
+
+def heap_text(limit: int = 100) -> str:
+    """tracemalloc's top ``limit`` allocation sites of this process, one per line."""
+    stats = tracemalloc.take_snapshot().statistics("lineno")[:limit]
+    return "\n".join(str(s) for s in stats)
 
 
 def _profile_request(request: str | dict[str, Any]) -> tuple[str, bool]:

@@ -296,6 +296,8 @@ def test_debug_address_from_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> Non
         assert b.debug_url is not None and b.debug_url.startswith("http://127.0.0.1:")
         status, body, _ = get(f"{b.debug_url}/debug/bigmachine/status?format=json")
         assert status == 200 and json.loads(body)["machines"] == []
+        server_thread = b._debug._thread  # type: ignore[union-attr]
+    assert not server_thread.is_alive(), "the debug server outlived B.shutdown"
     monkeypatch.setenv("BIGPOOL_DEBUG", "127.0.0.1:0")
     with bigpool.start("test") as b:
         assert b.debug_url is not None
@@ -360,3 +362,24 @@ def test_without_ptrace_rights_the_error_says_how_to_grant_them(
         status, body, _ = get(f"{b.debug_url}/debug/bigmachine/pprof/profile?seconds=1")
     assert status == 502, body
     assert b"no process could be profiled" in body and b"CAP_SYS_PTRACE" in body, body
+
+
+def test_heap_where_tracemalloc_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    monkeypatch.setenv("PYTHONTRACEMALLOC", "1")  # local machines inherit the environment
+    tracemalloc.start()
+    try:
+        with bigpool.start("local", debug="127.0.0.1:0") as b:
+            (m,) = b.start(1, services={"Pub": Publisher()})
+            assert m.wait(bigpool.State.RUNNING, timeout=60) is bigpool.State.RUNNING, m.err()
+            status, body, _ = get(f"{b.debug_url}/debug/bigmachine/pprof/heap")
+            assert status == 200, body
+            text = body.decode()
+            assert "=== driver ===" in text and f"=== {m.addr} ===" in text
+            machine_part = text.split(f"=== {m.addr} ===", 1)[1]
+            assert "size=" in machine_part and "count=" in machine_part, machine_part[:500]
+            status, body, _ = get(f"{b.debug_url}/debug/bigmachine/pprof/")
+            assert f"tracemalloc top sites on driver, {m.addr}" in body.decode()
+    finally:
+        tracemalloc.stop()

@@ -25,7 +25,7 @@ import psutil
 
 from .. import pyspy
 from ..machine import State
-from ..supervisor import expvars_snapshot
+from ..supervisor import expvars_snapshot, heap_text
 from .pprof import Profile
 
 if TYPE_CHECKING:
@@ -200,8 +200,8 @@ async def heap(b: B, machine: str | None = None) -> str | None:
     include_driver, machines = select(b, machine)
     sections = []
     if include_driver and tracemalloc.is_tracing():
-        stats = tracemalloc.take_snapshot().statistics("lineno")[:100]
-        sections.append(f"=== {DRIVER} ===\n" + "\n".join(str(s) for s in stats) + "\n")
+        text = await asyncio.get_running_loop().run_in_executor(None, heap_text)
+        sections.append(f"=== {DRIVER} ===\n{text}\n")
     tracing = await _tracing_machines(machines)
     dumps = await _gather({m.addr: _machine_text(m, "Supervisor.profile", "heap") for m in tracing})
     for name, result in dumps.items():
@@ -261,7 +261,7 @@ def _machine_entry(m: Machine, now: float) -> dict[str, Any]:
         "pid": m.pid,
         "maxprocs": m.maxprocs,
         "uptime_seconds": None if m.started_at is None else now - m.started_at,
-        "calls_in_flight": len(m._calls),
+        "calls_in_flight": m.calls_in_flight,
         "keepalive_reply_ms": [round(t * 1000, 3) for t in m.keepalive_reply_times()],
         "next_keepalive_in_seconds": None if next_keepalive is None else next_keepalive - now,
         "error": None if err is None else _describe(err),
