@@ -47,8 +47,12 @@ class PySpyError(RuntimeError):
 
     def __init__(self, pid: int, what: str, detail: str) -> None:
         self.pid = pid
+        self.what = what
         self.detail = detail
         super().__init__(f"py-spy {what} of pid {pid} failed: {detail}")
+
+    def __reduce__(self) -> tuple[type[PySpyError], tuple[int, str, str]]:
+        return (type(self), (self.pid, self.what, self.detail))  # travels from machines whole
 
 
 def pyspy_path() -> str:

@@ -358,6 +358,10 @@ def test_without_ptrace_rights_the_error_says_how_to_grant_them(
     message = str(caught.value)
     for text in (f"pid {os.getpid()}", "Permission Denied", "CAP_SYS_PTRACE", "ptrace_scope"):
         assert text in message, message
+    from bigpool.h2rpc.errors import decode_error, encode_error
+
+    travelled = decode_error(encode_error(caught.value))  # as it comes back from a machine
+    assert isinstance(travelled, pyspy.PySpyError) and str(travelled) == message
     with bigpool.start("test", debug="127.0.0.1:0") as b:
         status, body, _ = get(f"{b.debug_url}/debug/bigmachine/pprof/profile?seconds=1")
     assert status == 502, body

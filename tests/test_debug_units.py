@@ -170,3 +170,21 @@ def test_status_text_has_a_row_per_machine() -> None:
 def test_gzip_is_deterministic() -> None:
     assert two_machines().gzipped() == two_machines().gzipped()
     assert gzip.decompress(two_machines().gzipped()) == two_machines().encode()
+
+
+def test_python_m_bigpool_dispatches_and_names_unknown_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bigpool.__main__ import main
+
+    assert main([]) == 2
+    assert "usage: python -m bigpool COMMAND" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "status" in out and "profile" in out
+    assert main(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["profile", "http://127.0.0.1:1", "--seconds", "0"])
+    assert exited.value.code == 2
+    assert "--seconds must be from 1 to 600" in capsys.readouterr().err
