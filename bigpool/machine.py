@@ -721,18 +721,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add bigpool's standard flags (as Bigmachine's ``-bigm.system``) to ``parser``."""
     group = parser.add_argument_group("bigpool")
     group.add_argument(
-        "--bigpool-system",
-        dest="bigpool_system",
-        default=None,
-        help=f"system that provides machines: local, test, ec2, ... (default ${SYSTEM_ENV} or local)",
-    )
-    group.add_argument(
         "--bigpool-debug",
         dest="bigpool_debug",
         default=None,
         metavar="HOST:PORT",
         help=f"serve the debug endpoint (status page, profiles) on HOST:PORT; a bare :PORT "
              f"is loopback (default ${DEBUG_ENV}, else none)",
+    )
+    group.add_argument(
+        "--bigpool-system",
+        dest="bigpool_system",
+        default=None,
+        help=f"system that provides machines: local, test, ec2, ... (default ${SYSTEM_ENV} or local)",
     )
 
 
@@ -747,16 +747,16 @@ def start(
 ) -> B:
     """Start the driver: make the cluster's authority and return the cluster handle ``B``.
 
-    ``system`` is a system name or object; otherwise it comes from ``args.bigpool_system``
-    (flags added by :func:`add_arguments`), then ``$BIGPOOL_SYSTEM``, then ``"local"``.
-    ``system_options`` go to the system's constructor when a name is given. ``ca_path`` keeps
-    the authority in a file (mode 0600) instead of memory.
-
     ``debug`` (``"127.0.0.1:3333"``; ``":3333"`` is loopback too; port 0 picks one) serves the
     debug endpoint there: a status page, merged profiles of every machine, expvars (see
     ``docs/debugging.md`` and :attr:`B.debug_url`). Otherwise it comes from
     ``args.bigpool_debug``, then ``$BIGPOOL_DEBUG``; an empty string means none. It stops
     with :meth:`B.shutdown`.
+
+    ``system`` is a system name or object; otherwise it comes from ``args.bigpool_system``
+    (flags added by :func:`add_arguments`), then ``$BIGPOOL_SYSTEM``, then ``"local"``.
+    ``system_options`` go to the system's constructor when a name is given. ``ca_path`` keeps
+    the authority in a file (mode 0600) instead of memory.
     """
     if debug is None and args is not None:
         debug = getattr(args, "bigpool_debug", None)

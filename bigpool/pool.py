@@ -933,9 +933,9 @@ class BigPool:
                     raise ValueError(f"the service name {SERVICE_NAME!r} is used by BigPool")
                 all_services[name] = obj
             self._scheduler = _Scheduler(self, retries)
-            self._b.add_status_provider("pool", self._scheduler.status)
             self._machines = self._b.start(count, services=all_services)
             self._b._run(self._attach(self._machines))
+            self._b.add_status_provider("pool", self._scheduler.status)
             try:
                 self._wait_first_machine()
             except BrokenExecutor as exc:

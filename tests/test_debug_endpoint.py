@@ -211,13 +211,13 @@ def test_bad_requests_are_named(burning: Burning, path: str, code: int, message:
 def test_cli_profile_writes_svg_and_pprof(burning: Burning, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     svg, pb = tmp_path / "cpu.svg", tmp_path / "cpu.pb.gz"
-    assert cli.main(["profile", burning.url, "--seconds", "1", "-o", str(svg)]) == 0
-    assert cli.main(["profile", burning.url.removeprefix("http://"), "--seconds", "1",
-                     "--machine", burning.addrs[1], "-o", str(pb)]) == 0
+    assert cli.profile([burning.url, "--seconds", "1", "-o", str(svg)]) == 0
+    assert cli.profile([burning.url.removeprefix("http://"), "--seconds", "1",
+                        "--machine", burning.addrs[1], "-o", str(pb)]) == 0
     titles = [t.text or "" for t in ET.fromstring(svg.read_bytes()).iter(f"{SVG}title")]
     assert any("burn_until" in t for t in titles)
     assert sorted(samples_by_machine(read(pb.read_bytes()), "burn_until")) == [burning.addrs[1]]
-    assert cli.main(["profile", burning.url, "--seconds", "1", "-o", str(tmp_path / "x.bmp")]) == 1
+    assert cli.profile([burning.url, "--seconds", "1", "-o", str(tmp_path / "x.bmp")]) == 1
     assert "cannot tell the format" in capsys.readouterr().err
 
 

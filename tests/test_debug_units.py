@@ -178,13 +178,15 @@ def test_python_m_bigpool_dispatches_and_names_unknown_commands(
     from bigpool.__main__ import main
 
     assert main([]) == 2
-    assert "usage: python -m bigpool COMMAND" in capsys.readouterr().err
-    assert main(["--help"]) == 0
-    out = capsys.readouterr().out
-    assert "status" in out and "profile" in out
     assert main(["nope"]) == 2
-    assert "unknown command 'nope'" in capsys.readouterr().err
+    usage = capsys.readouterr().err
+    assert "usage: python -m bigpool {" in usage and "profile" in usage and "status" in usage
+    assert main(["--help"]) == 0
     with pytest.raises(SystemExit) as exited:
         main(["profile", "http://127.0.0.1:1", "--seconds", "0"])
     assert exited.value.code == 2
     assert "--seconds must be from 1 to 600" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--help"])
+    assert exited.value.code == 0
+    assert "python -m bigpool status" in capsys.readouterr().out

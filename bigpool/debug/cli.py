@@ -10,7 +10,8 @@
   stacks go to standard output;
 * ``threads URL [--machine ADDR]``: every thread's stack, of every process.
 
-Exit status 0 on success, 1 when the endpoint refuses or cannot be reached (its message on
+Each command is a function taking the arguments after its name (``python -m bigpool``
+dispatches to it). Exit status 0 on success, 1 when the endpoint refuses or cannot be reached (its message on
 standard error), 2 for bad arguments. Profile notes (machines lost or left out) go to standard
 error.
 """
@@ -23,11 +24,12 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from .status import render_text
 
-__all__ = ["main"]
+__all__ = ["profile", "status", "threads"]
 
 # Beyond the profile's own duration: what the endpoint may take to gather and merge.
 EXTRA_SECONDS = 120.0
@@ -113,37 +115,44 @@ def _threads(args: argparse.Namespace) -> None:
     sys.stdout.write(body.decode("utf-8", "replace"))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bigpool",
-                                     description="Look at a running bigpool cluster.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    status = commands.add_parser("status", help="the cluster's machines and pool")
-    status.add_argument("url", help="the debug endpoint, e.g. http://127.0.0.1:3333")
-    status.add_argument("--json", action="store_true", help="print the status JSON")
-    status.set_defaults(run=_status)
-    profile = commands.add_parser("profile", help="a merged CPU profile of the cluster")
-    profile.add_argument("url", help="the debug endpoint, e.g. http://127.0.0.1:3333")
-    profile.add_argument("--seconds", type=int, default=30, help="how long to sample (1-600)")
-    profile.add_argument("--machine", help="one machine's address (or 'driver') instead of all")
-    profile.add_argument("-o", "--output", help="file to write: .svg, .pb.gz or .txt")
-    profile.add_argument("--format", choices=sorted(_FORMATS), help="override the format")
-    profile.set_defaults(run=_profile)
-    threads = commands.add_parser("threads", help="every thread's stack, of every process")
-    threads.add_argument("url", help="the debug endpoint, e.g. http://127.0.0.1:3333")
-    threads.add_argument("--machine", help="one machine's address (or 'driver') instead of all")
-    threads.set_defaults(run=_threads)
+def _command(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m bigpool {name}", description=description)
+    parser.add_argument("url", help="the debug endpoint, e.g. http://127.0.0.1:3333")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command (``argv``: the command name, then its arguments); the exit status."""
-    parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "profile" and not 1 <= args.seconds <= 600:
-        parser.error(f"--seconds must be from 1 to 600, not {args.seconds}")
+def _run(name: str, run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     try:
-        args.run(args)
+        run(args)
     except _Failure as exc:
-        print(f"python -m bigpool {args.command}: {exc}", file=sys.stderr)
+        print(f"python -m bigpool {name}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def status(argv: list[str]) -> int:
+    """``python -m bigpool status URL [--json]``; the exit status."""
+    parser = _command("status", "The machines and the pool of a running cluster.")
+    parser.add_argument("--json", action="store_true", help="print the status JSON")
+    return _run("status", _status, parser.parse_args(argv))
+
+
+def profile(argv: list[str]) -> int:
+    """``python -m bigpool profile URL [--seconds N] [--machine ADDR] [-o FILE]``; the exit
+    status."""
+    parser = _command("profile", "A merged CPU profile of a running cluster.")
+    parser.add_argument("--seconds", type=int, default=30, help="how long to sample (1-600)")
+    parser.add_argument("--machine", help="one machine's address (or 'driver') instead of all")
+    parser.add_argument("-o", "--output", help="file to write: .svg, .pb.gz or .txt")
+    parser.add_argument("--format", choices=sorted(_FORMATS), help="override the format")
+    args = parser.parse_args(argv)
+    if not 1 <= args.seconds <= 600:
+        parser.error(f"--seconds must be from 1 to 600, not {args.seconds}")
+    return _run("profile", _profile, args)
+
+
+def threads(argv: list[str]) -> int:
+    """``python -m bigpool threads URL [--machine ADDR]``; the exit status."""
+    parser = _command("threads", "Every thread's stack, of every process of a running cluster.")
+    parser.add_argument("--machine", help="one machine's address (or 'driver') instead of all")
+    return _run("threads", _threads, parser.parse_args(argv))
