@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .expvar import expvar_add, expvar_set
     from .h2rpc.errors import (
         BigpoolError,
         CallTimeoutError,
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
         start,
     )
     from .pool import BigPool, BigPoolExecutor, BrokenExecutor, PoolTerminatedError, TaskLostError
-    from .supervisor import expvar_add, expvar_set
     from .systems import KeepaliveConfig, System, register_system
 
 __version__ = "0.1.0"
@@ -61,8 +61,8 @@ _EXPORTS = {
     "KeepaliveConfig": "systems",
     "System": "systems",
     "register_system": "systems",
-    "expvar_add": "supervisor",
-    "expvar_set": "supervisor",
+    "expvar_add": "expvar",
+    "expvar_set": "expvar",
 }
 
 __all__ = [

@@ -10,6 +10,9 @@ two private pipes whose descriptors arrive in ``$BIGPOOL_WORKER_FDS`` (``"<read>
   :data:`MSG_READY` whose body is ``pickle((pid, encoded_initializer_error_or_None))``; then
   one :data:`MSG_RESULT` per chunk, in the order the chunks came, whose body is already the
   result record the driver reads: ``pickle((chunk_id, status, payload, info), protocol=5)``.
+  Before a chunk's result (or the ready frame) when the worker's expvars changed, a
+  :data:`MSG_EXPVARS` frame whose body is their JSON (``bigpool.expvar``; JSON, so the
+  machine reads it without unpickling anything of the user's).
 
 The worker's ``stdin`` is ``/dev/null`` and its ``stdout`` is the machine's (line buffered, so a
 task's ``print`` reaches the machine's output line by line); its ``stderr`` is read by the
@@ -24,6 +27,7 @@ on the first error), so a worker starts as fast as the ``bigpool`` package allow
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -35,6 +39,8 @@ from typing import IO, Any
 
 import dill
 
+from bigpool import expvar
+
 # Result status codes (see bigpool.worker, which re-exports them).
 OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED = 0, 1, 2, 3
 
@@ -42,6 +48,7 @@ ENV_FDS = "BIGPOOL_WORKER_FDS"
 # Kinds of worker -> machine frames.
 MSG_READY = 1
 MSG_RESULT = 2
+MSG_EXPVARS = 3
 LENGTH = struct.Struct(">I")
 # Worker -> machine frame header: body length, kind, number of tasks the chunk had.
 HEADER = struct.Struct(">IBI")
@@ -135,6 +142,15 @@ def _send(writer: IO[bytes], kind: int, ntasks: int, body: bytes) -> None:
     writer.flush()
 
 
+def _send_expvars(writer: IO[bytes], sent: int) -> int:
+    """Send this process's expvars if they changed since version ``sent``; the version now."""
+    now = expvar.version()
+    if now != sent:
+        body = json.dumps(expvar.expvars_snapshot(), default=str).encode()
+        writer.write(HEADER.pack(len(body), MSG_EXPVARS, 0) + body)
+    return now
+
+
 def _watch_parent(ppid: int) -> None:
     def watch() -> None:
         while True:
@@ -192,6 +208,7 @@ def main() -> None:
             function(*initargs)
         except Exception as exc:
             init_error = _encode_error(exc)
+    sent_expvars = _send_expvars(writer, 0)
     _send(writer, MSG_READY, 0, pickle.dumps((os.getpid(), init_error), protocol=5))
 
     cache: dict[bytes, Any] = {}
@@ -203,6 +220,7 @@ def main() -> None:
         func = _load_function(func_id, func_bytes, cache)
         body, ntasks = run_chunk(chunk_id, func, args, star)
         del message, args
+        sent_expvars = _send_expvars(writer, sent_expvars)
         _send(writer, MSG_RESULT, ntasks, body)
     _exit(0)
 

@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ import dill
 import psutil
 
 from . import pyspy
+from .expvar import expvar_add, expvar_set, expvars_snapshot
 from .h2rpc import StreamReader
 
 if TYPE_CHECKING:
@@ -35,32 +35,6 @@ __all__ = ["Supervisor", "expvar_add", "expvar_set", "expvars_snapshot"]
 MAX_KEEPALIVE = 3600.0
 # Longest CPU profile one call may ask for.
 MAX_PROFILE_SECONDS = 600.0
-
-_expvars: dict[str, Any] = {}
-_expvars_lock = threading.Lock()
-
-
-def expvar_add(name: str, delta: float = 1) -> None:
-    """Add ``delta`` to the counter ``name`` of this process (thread-safe).
-
-    A machine's counters are published by ``Supervisor.expvars``, the driver's and every
-    machine's together at the debug endpoint's ``/debug/vars``.
-    """
-    with _expvars_lock:
-        _expvars[name] = _expvars.get(name, 0) + delta
-
-
-def expvar_set(name: str, value: Any) -> None:
-    """Set the gauge ``name`` of this process to ``value`` (any JSON-like value)."""
-    with _expvars_lock:
-        _expvars[name] = value
-
-
-def expvars_snapshot() -> dict[str, Any]:
-    """A copy of this process's published counters and gauges."""
-    with _expvars_lock:
-        return dict(_expvars)
-
 
 class Supervisor:
     """Manages its machine on the driver's behalf. Registered as ``"Supervisor"``."""

@@ -29,3 +29,10 @@ class Publisher:
 
     def burn_until(self, args: tuple[str, str]) -> int:
         return burn_until(*args)
+
+
+def count_rows(n: int) -> int:
+    """A pool task that publishes from its worker process: a counter and a gauge."""
+    bigpool.expvar_add("rows_seen", n)
+    bigpool.expvar_set("last_pid", os.getpid())
+    return n

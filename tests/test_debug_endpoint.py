@@ -387,3 +387,29 @@ def test_heap_where_tracemalloc_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
             assert f"tracemalloc top sites on driver, {m.addr}" in body.decode()
     finally:
         tracemalloc.stop()
+
+
+def test_expvars_published_in_pool_tasks_reach_debug_vars() -> None:
+    from debug_tasks import count_rows
+
+    with bigpool.BigPool(2, system="test", debug="127.0.0.1:0") as pool:
+        assert sum(pool.map(count_rows, range(1, 21), chunksize=1)) == 210
+        status, body, _ = get(f"{pool.b.debug_url}/debug/vars")
+        assert status == 200
+        machines = json.loads(body)["machines"]
+        totals = [m["BigPoolWorker"]["expvars"] for m in machines.values()]
+        assert len(totals) == 2
+        # Every task's counter arrives, summed over each machine's workers.
+        assert sum(t.get("rows_seen", 0) for t in totals) == 210, totals
+        pids = {p for m in machines.values() for p in m["BigPoolWorker"]["worker_pids"]}
+        assert {t["last_pid"] for t in totals if "last_pid" in t} <= pids
+
+
+def test_expvar_api_names_bad_input() -> None:
+    with pytest.raises(TypeError, match="non-empty string"):
+        bigpool.expvar_add("", 1)
+    with pytest.raises(TypeError, match="delta must be a number"):
+        bigpool.expvar_add("x", "1")  # type: ignore[arg-type]
+    bigpool.expvar_set("a_gauge", "text")
+    with pytest.raises(TypeError, match="cannot be added to"):
+        bigpool.expvar_add("a_gauge")
