@@ -19,6 +19,7 @@ import random
 import time
 
 import bigpool
+from bigpool import expvar_add
 
 
 def monte_carlo(n: int) -> float:
@@ -36,6 +37,9 @@ def sort_words(n: int) -> int:
 
 
 def task(i: int) -> float:
+    # Published in the worker process; /debug/vars shows the sum per machine. (Imported by
+    # name: this function travels by value, and so would a module it names.)
+    expvar_add("demo_tasks_run")
     return monte_carlo(200_000) if i % 3 else float(sort_words(20_000))
 
 
