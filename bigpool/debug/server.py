@@ -21,6 +21,7 @@ otherwise, and has no authentication: do not expose it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import http.server
 import json
@@ -144,7 +145,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         b = self.server.b
         try:
             return b._run(coro, timeout=timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
             raise _HTTPError(504, f"the cluster did not answer within {timeout:g}s") from None
         except RuntimeError as exc:
             if b._shutdown:
