@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .expvar import expvar_add, expvar_set
     from .h2rpc.errors import (
         BigpoolError,
         CallTimeoutError,
@@ -60,6 +61,8 @@ _EXPORTS = {
     "KeepaliveConfig": "systems",
     "System": "systems",
     "register_system": "systems",
+    "expvar_add": "expvar",
+    "expvar_set": "expvar",
 }
 
 __all__ = [
@@ -84,6 +87,8 @@ __all__ = [
     "TaskLostError",
     "__version__",
     "add_arguments",
+    "expvar_add",
+    "expvar_set",
     "register_system",
     "start",
 ]

@@ -10,6 +10,9 @@ two private pipes whose descriptors arrive in ``$BIGPOOL_WORKER_FDS`` (``"<read>
   :data:`MSG_READY` whose body is ``pickle((pid, encoded_initializer_error_or_None))``; then
   one :data:`MSG_RESULT` per chunk, in the order the chunks came, whose body is already the
   result record (length prefix included) the driver reads (:mod:`bigpool.pool_wire`).
+  Before a chunk's result (or the ready frame) when the worker's expvars changed, a
+  :data:`MSG_EXPVARS` frame whose body is their JSON (``bigpool.expvar``; JSON, so the
+  machine reads it without unpickling anything of the user's).
 
 The worker's ``stdin`` is ``/dev/null`` and its ``stdout`` is the machine's (line buffered, so a
 task's ``print`` reaches the machine's output line by line); its ``stderr`` is read by the
@@ -25,6 +28,7 @@ on the first error), so a worker starts as fast as the ``bigpool`` package allow
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -36,6 +40,7 @@ from typing import IO, Any
 
 import dill
 
+from bigpool import expvar
 from bigpool._malloc import tune_malloc
 from bigpool.pool_wire import WORKER_FUNCTIONS, LRUTable, Result, decode_chunk, encode_result
 
@@ -46,6 +51,7 @@ ENV_FDS = "BIGPOOL_WORKER_FDS"
 # Kinds of worker -> machine frames.
 MSG_READY = 1
 MSG_RESULT = 2
+MSG_EXPVARS = 3
 LENGTH = struct.Struct(">I")
 # Worker -> machine frame header: body length, kind, number of tasks the chunk had.
 HEADER = struct.Struct(">IBI")
@@ -156,6 +162,15 @@ def _send(writer: IO[bytes], kind: int, ntasks: int,
     writer.flush()
 
 
+def _send_expvars(writer: IO[bytes], sent: int) -> int:
+    """Send this process's expvars if they changed since version ``sent``; the version now."""
+    now = expvar.version()
+    if now != sent:
+        body = json.dumps(expvar.expvars_snapshot(), default=str).encode()
+        writer.write(HEADER.pack(len(body), MSG_EXPVARS, 0) + body)
+    return now
+
+
 def _watch_parent(ppid: int) -> None:
     def watch() -> None:
         while True:
@@ -221,6 +236,7 @@ def main() -> None:
             function(*initargs)
         except Exception as exc:
             init_error = _encode_error(exc)
+    sent_expvars = _send_expvars(writer, 0)
     _send(writer, MSG_READY, 0, [pickle.dumps((os.getpid(), init_error), protocol=5)])
 
     cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
@@ -232,6 +248,7 @@ def main() -> None:
         func = _load_function(chunk.func_id, chunk.func, cache)
         record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star, chunk.args_dill)
         del body, chunk
+        sent_expvars = _send_expvars(writer, sent_expvars)
         _send(writer, MSG_RESULT, ntasks, record)
         del record
     _exit(0)

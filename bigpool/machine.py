@@ -29,8 +29,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dill
 
@@ -46,6 +46,9 @@ from .h2rpc import (
     parse_address,
 )
 from .systems import KeepaliveConfig, System, get_system
+
+if TYPE_CHECKING:
+    from .debug.server import DebugServer
 
 __all__ = ["B", "Machine", "MachineStoppedError", "State", "add_arguments", "start"]
 
@@ -186,6 +189,11 @@ class Machine:
             return self._state
         await future
         return self._state
+
+    @property
+    def calls_in_flight(self) -> int:
+        """How many calls to this machine are under way (made through this handle)."""
+        return len(self._calls)
 
     def keepalive_reply_times(self) -> list[float]:
         """The latest keepalive round trips in seconds, most recent first."""
@@ -518,6 +526,8 @@ class B:
         self._lock = threading.Lock()
         self._shutdown = False
         self.keepalive: KeepaliveConfig = system.keepalive_config()
+        self._debug: DebugServer | None = None
+        self._status_providers: dict[str, Callable[[], Any]] = {}
 
     @property
     def is_driver(self) -> bool:
@@ -533,6 +543,40 @@ class B:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+    # debug endpoint ------------------------------------------------------------------------
+
+    @property
+    def debug_url(self) -> str | None:
+        """Where the debug endpoint listens (``http://host:port``), or ``None`` without one.
+
+        Started by ``bigpool.start(debug="127.0.0.1:3333")``; its pages are listed in
+        ``docs/debugging.md``.
+        """
+        return None if self._debug is None else self._debug.url
+
+    def add_status_provider(self, name: str, provider: Callable[[], Any]) -> None:
+        """Show ``provider()`` (a JSON-ready dict of figures) under ``name`` on the status page.
+
+        The provider is called on B's event loop for each status request, so it may read
+        state that lives on that loop; it must return quickly. A provider that raises shows
+        its error instead. The pool registers its task counts as ``"pool"``.
+        """
+        if name in ("driver", "machines") or not name:
+            raise ValueError(f"status provider name {name!r} is reserved or empty")
+        self._status_providers[name] = provider
+
+    def remove_status_provider(self, name: str) -> None:
+        self._status_providers.pop(name, None)
+
+    def status_providers(self) -> dict[str, Callable[[], Any]]:
+        """The registered status providers by name (a copy)."""
+        return dict(self._status_providers)
+
+    def _serve_debug(self, address: str) -> None:
+        from .debug.server import DebugServer
+
+        self._debug = DebugServer(self, address)
 
     # running coroutines on our loop ----------------------------------------------------------
 
@@ -643,6 +687,9 @@ class B:
         if self._shutdown:
             return
         self._shutdown = True
+        debug, self._debug = self._debug, None
+        if debug is not None:
+            debug.close()
         try:
             if self._loop_thread is not None:
                 self._loop_thread.run(self._shutdown_async(), timeout=60)
@@ -667,11 +714,20 @@ class B:
 # driver start --------------------------------------------------------------------------------
 
 SYSTEM_ENV = "BIGPOOL_SYSTEM"
+DEBUG_ENV = "BIGPOOL_DEBUG"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add bigpool's standard flags (as Bigmachine's ``-bigm.system``) to ``parser``."""
     group = parser.add_argument_group("bigpool")
+    group.add_argument(
+        "--bigpool-debug",
+        dest="bigpool_debug",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"serve the debug endpoint (status page, profiles) on HOST:PORT; a bare :PORT "
+             f"is loopback (default ${DEBUG_ENV}, else none)",
+    )
     group.add_argument(
         "--bigpool-system",
         dest="bigpool_system",
@@ -686,15 +742,26 @@ def start(
     args: argparse.Namespace | None = None,
     ca_path: str | os.PathLike[str] | None = None,
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+    debug: str | None = None,
     **system_options: Any,
 ) -> B:
     """Start the driver: make the cluster's authority and return the cluster handle ``B``.
+
+    ``debug`` (``"127.0.0.1:3333"``; ``":3333"`` is loopback too; port 0 picks one) serves the
+    debug endpoint there: a status page, merged profiles of every machine, expvars (see
+    ``docs/debugging.md`` and :attr:`B.debug_url`). Otherwise it comes from
+    ``args.bigpool_debug``, then ``$BIGPOOL_DEBUG``; an empty string means none. It stops
+    with :meth:`B.shutdown`.
 
     ``system`` is a system name or object; otherwise it comes from ``args.bigpool_system``
     (flags added by :func:`add_arguments`), then ``$BIGPOOL_SYSTEM``, then ``"local"``.
     ``system_options`` go to the system's constructor when a name is given. ``ca_path`` keeps
     the authority in a file (mode 0600) instead of memory.
     """
+    if debug is None and args is not None:
+        debug = getattr(args, "bigpool_debug", None)
+    if debug is None:
+        debug = os.environ.get(DEBUG_ENV)
     if system is None and args is not None:
         system = getattr(args, "bigpool_system", None)
     if system is None:
@@ -712,6 +779,8 @@ def start(
     b = B(system, credentials=credentials, authority=authority, boot_timeout=boot_timeout)
     try:
         system.init(b)
+        if debug:
+            b._serve_debug(debug)
     except BaseException:
         b.shutdown()
         raise

@@ -45,6 +45,7 @@ import os
 import pickle
 import queue
 import threading
+import time
 import types
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -96,6 +97,9 @@ MAX_BATCH = 1024
 WORKER_STOP_TIMEOUT = 10.0
 # How long a lost machine's chunks wait for its system to say how it died (retries wait too).
 LOSS_DIAGNOSIS_WAIT = 2.0
+# Seconds over which the status page's throughput is averaged: long enough to smooth bursts of
+# chunk completions, short enough to show a slowdown within a refresh or two.
+THROUGHPUT_WINDOW = 10
 
 _log = logging.getLogger("bigpool.pool")
 # Not in typeshed; the stdlib's own class, so existing except clauses catch it.
@@ -664,6 +668,13 @@ class _Scheduler:
         self.feeds: list[_Feed] = []
         self.lost: list[tuple[str, BaseException]] = []
         self.func_seconds: dict[bytes, float] = {}
+        # Figures for the status page (tasks, not chunks; a failed chunk counts all its tasks).
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.tasks_retried = 0
+        self._done_per_second: collections.deque[list[int]] = collections.deque(
+            maxlen=THROUGHPUT_WINDOW + 1
+        )
 
     def add_machine(self, machine: Machine) -> None:
         feed = _Feed(self, machine)
@@ -743,7 +754,45 @@ class _Scheduler:
             self.pending.extendleft(reversed(refs))
             self._wake()
 
+    def status(self) -> dict[str, Any]:
+        """The pool's figures for the debug status page (called on B's loop).
+
+        ``queued``: tasks waiting on the driver; ``running``: tasks sent to machines and not
+        yet answered (a few of them queued there, to hide round trips); ``done``, ``failed``,
+        ``retried`` since the start; ``throughput_per_second`` over the last
+        :data:`THROUGHPUT_WINDOW` seconds.
+        """
+        now = int(time.monotonic())
+        recent = sum(n for second, n in self._done_per_second
+                     if now - THROUGHPUT_WINDOW <= second < now)
+        return {
+            "processes": self.pool._processes,
+            "machines_serving": len(self.feeds),
+            "machines_lost": len(self.lost),
+            "tasks": {
+                "queued": sum(ref.ntasks for ref in self.pending),
+                "running": sum(ref.ntasks for feed in self.feeds
+                               for ref in feed.in_flight.values()),
+                "done": self.tasks_done,
+                "failed": self.tasks_failed,
+                "retried": self.tasks_retried,
+            },
+            "throughput_per_second": recent / THROUGHPUT_WINDOW,
+        }
+
+    def _count(self, ref: _ChunkRef, success: bool) -> None:
+        if not success:
+            self.tasks_failed += ref.ntasks
+            return
+        self.tasks_done += ref.ntasks
+        now = int(time.monotonic())
+        if self._done_per_second and self._done_per_second[-1][0] == now:
+            self._done_per_second[-1][1] += ref.ntasks
+        else:
+            self._done_per_second.append([now, ref.ntasks])
+
     def complete(self, ref: _ChunkRef, success: bool, value: Any) -> None:
+        self._count(ref, success)
         try:
             ref.job.deliver(ref.index, success, value)
         except Exception:
@@ -754,6 +803,7 @@ class _Scheduler:
         if ref.attempts > self.retries:
             self.complete(ref, False, error)
             return
+        self.tasks_retried += ref.ntasks
         self.pending.appendleft(ref)
         self._wake()
 
@@ -824,7 +874,8 @@ class BigPool:
     system name or object; ``system_options`` go to its constructor. ``services`` are
     installed on every machine beside the pool's own (``p.machines`` gives the machines for
     direct calls). A task whose machine or worker dies is run again elsewhere up to
-    ``retries`` times.
+    ``retries`` times. ``debug`` (``"127.0.0.1:3333"``) serves the debug endpoint, whose
+    status page shows the pool's task counts (see :func:`bigpool.start`).
     """
 
     def __init__(
@@ -837,6 +888,7 @@ class BigPool:
         system: str | System = "local",
         services: Mapping[str, object] | None = None,
         retries: int = 3,
+        debug: str | None = None,
         _fail_on_start: bool = True,
         **system_options: Any,
     ) -> None:
@@ -871,7 +923,7 @@ class BigPool:
         self._b: B | None = None
         try:
             tune_malloc()
-            self._b = start_driver(system, **system_options)
+            self._b = start_driver(system, debug=debug, **system_options)
             maxprocs = self._b.system.maxprocs()
             count = _machines_for(processes, maxprocs)
             initializer_data = None
@@ -887,6 +939,7 @@ class BigPool:
             self._scheduler = _Scheduler(self, retries)
             self._machines = self._b.start(count, services=all_services)
             self._b._run(self._attach(self._machines))
+            self._b.add_status_provider("pool", self._scheduler.status)
             try:
                 self._wait_first_machine()
             except BrokenExecutor as exc:
@@ -1210,6 +1263,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
 
     Hands out real ``concurrent.futures.Future`` objects, so ``wait`` and ``as_completed``
     work. ``max_workers`` is the number of worker slots (default: this host's CPU count).
+    ``debug`` serves the debug endpoint, as for :class:`BigPool`.
     """
 
     def __init__(
@@ -1222,6 +1276,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
         system: str | System = "local",
         services: Mapping[str, object] | None = None,
         retries: int = 3,
+        debug: str | None = None,
         **system_options: Any,
     ) -> None:
         if max_workers is not None:
@@ -1239,7 +1294,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
         try:
             self._pool = BigPool(max_workers, initializer, initargs, max_tasks_per_child,
                                  system=system, services=services, retries=retries,
-                                 _fail_on_start=False, **system_options)
+                                 debug=debug, _fail_on_start=False, **system_options)
         except BrokenExecutor:
             raise
         except BigpoolError as exc:

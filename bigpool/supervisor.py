@@ -12,11 +12,8 @@ import asyncio
 import inspect
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
@@ -25,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import dill
 import psutil
 
+from . import pyspy
+from .expvar import expvar_add, expvar_set, expvars_snapshot
 from .h2rpc import StreamReader
 
 if TYPE_CHECKING:
@@ -36,27 +35,6 @@ __all__ = ["Supervisor", "expvar_add", "expvar_set", "expvars_snapshot"]
 MAX_KEEPALIVE = 3600.0
 # Longest CPU profile one call may ask for.
 MAX_PROFILE_SECONDS = 600.0
-
-_expvars: dict[str, Any] = {}
-_expvars_lock = threading.Lock()
-
-
-def expvar_add(name: str, delta: float = 1) -> None:
-    """Add ``delta`` to the counter ``name`` (published by ``Supervisor.expvars``)."""
-    with _expvars_lock:
-        _expvars[name] = _expvars.get(name, 0) + delta
-
-
-def expvar_set(name: str, value: Any) -> None:
-    """Set the gauge ``name`` to ``value`` (any JSON-like value)."""
-    with _expvars_lock:
-        _expvars[name] = value
-
-
-def expvars_snapshot() -> dict[str, Any]:
-    with _expvars_lock:
-        return dict(_expvars)
-
 
 class Supervisor:
     """Manages its machine on the driver's behalf. Registered as ``"Supervisor"``."""
@@ -155,11 +133,23 @@ class Supervisor:
         one, five, fifteen = psutil.getloadavg()
         return {"load1": one, "load5": five, "load15": fifteen, "cpus": psutil.cpu_count()}
 
-    def expvars(self) -> dict[str, Any]:
-        """This machine's published counters and gauges."""
+    async def expvars(self) -> dict[str, Any]:
+        """This machine's published counters and gauges (:func:`expvar_add`,
+        :func:`expvar_set`), its uptime and services, and under a service's name what the
+        service reports through an optional ``_bigpool_expvars()`` method (the pool's worker
+        service: its queue, workers and restarts). Runs on the machine's event loop, where
+        services keep their state."""
         snapshot = expvars_snapshot()
         snapshot["uptime_seconds"] = time.time() - self._started
-        snapshot["services"] = sorted(self._runtime.server.services)
+        services = dict(self._runtime.server.services)
+        snapshot["services"] = sorted(services)
+        for name, service in services.items():
+            report = getattr(service, "_bigpool_expvars", None)
+            if callable(report):
+                try:
+                    snapshot[name] = report()
+                except Exception as exc:
+                    snapshot[name] = {"error": f"{type(exc).__name__}: {exc}"}
         return snapshot
 
     def profiles(self) -> list[str]:
@@ -169,32 +159,64 @@ class Supervisor:
             names.append("heap")
         return names
 
-    def profile(self, name: str) -> str:
-        """A named profile as text: ``threads`` (a py-spy dump of every thread) or ``heap``."""
+    def processes(self, include_self: bool = True) -> list[tuple[int, str]]:
+        """The ``(pid, role)`` of the processes a profile of this machine covers: its own
+        (role ``"machine"``, unless ``include_self`` is false) and those its services run
+        (role ``"worker"``: the pool's worker processes), as services report them through
+        an optional ``_bigpool_pids()`` method."""
+        found: list[tuple[int, str]] = [(os.getpid(), "machine")] if include_self else []
+        for service in list(self._runtime.server.services.values()):
+            pids = getattr(service, "_bigpool_pids", None)
+            if callable(pids):
+                found.extend((int(pid), "worker") for pid in pids())
+        return found
+
+    async def profile(self, request: str | dict[str, Any]) -> str:
+        """A named profile as text: ``threads`` (a py-spy dump of every thread of this
+        machine's process and of its worker processes) or ``heap`` (tracemalloc's top 100).
+
+        ``request`` is the name, or ``{"name": ..., "self": bool}``; ``self=False`` leaves this
+        process out of ``threads`` (the driver does so for machines that live in its own
+        process). Raises ``ValueError`` for an unknown name or a heap profile without
+        tracemalloc, :class:`bigpool.pyspy.PySpyError` if py-spy cannot attach.
+        """
+        name, include_self = _profile_request(request)
         if name == "threads":
-            return _py_spy(["dump", "--pid", str(os.getpid())], timeout=60)
+            processes = self.processes(include_self)
+            if not processes:
+                return ""
+            if len(processes) == 1:
+                return await pyspy.dump(processes[0][0])
+            return await pyspy.dump_processes(processes)
         if name == "heap":
             if not tracemalloc.is_tracing():
                 raise ValueError("heap profile needs tracemalloc (PYTHONTRACEMALLOC=1)")
-            stats = tracemalloc.take_snapshot().statistics("lineno")[:100]
-            return "\n".join(str(s) for s in stats)
+            # A snapshot of a big heap takes a while: not on the loop that answers keepalives.
+            return await asyncio.get_running_loop().run_in_executor(None, heap_text)
         raise ValueError(f"unknown profile {name!r}; available: {', '.join(self.profiles())}")
 
-    def cpu_profile(self, seconds: float = 30.0) -> Iterator[bytes]:
-        """A CPU profile of this process taken with py-spy for ``seconds``, as folded stacks."""
-        duration = float(seconds)
+    async def cpu_profile(self, request: float | dict[str, Any] = 30.0) -> Iterator[bytes]:
+        """A CPU profile of this machine taken with py-spy, as folded stacks (streamed).
+
+        ``request`` is the duration in seconds, or ``{"seconds": ..., "self": bool}``. The
+        machine's process and its worker processes (:meth:`processes`) are sampled at the
+        same time; each line starts with a ``process PID:"ROLE"`` frame, and a process that
+        could not be profiled leaves a ``# `` note line instead of failing the whole. Raises
+        ``ValueError`` for a duration outside (0, MAX_PROFILE_SECONDS].
+        """
+        if isinstance(request, dict):
+            seconds = request.get("seconds", 30.0)
+            include_self = bool(request.get("self", True))
+        else:
+            seconds, include_self = request, True
+        try:
+            duration = float(seconds)
+        except (TypeError, ValueError):
+            raise TypeError(f"profile duration must be a number of seconds, not {seconds!r}") from None
         if not 0 < duration <= MAX_PROFILE_SECONDS:
             raise ValueError(f"profile duration must be in (0, {MAX_PROFILE_SECONDS:g}] seconds")
-        with tempfile.TemporaryDirectory(prefix="bigpool-prof-") as tmp:
-            out = os.path.join(tmp, "profile.txt")
-            _py_spy(
-                ["record", "--pid", str(os.getpid()), "--duration", f"{max(1, round(duration))}",
-                 "--format", "raw", "--output", out, "--nonblocking"],
-                timeout=duration + 60,
-            )
-            with open(out, "rb") as f:
-                data = f.read()
-        return iter([data])
+        folded = await pyspy.record_processes(self.processes(include_self), duration)
+        return iter([folded.encode("utf-8")])
 
     async def register(self, registration: tuple[str, bytes]) -> None:
         """Install a service (name, dill pickle) and run its ``init(b)`` if it has one.
@@ -232,17 +254,18 @@ class ServiceUnpickleError(RuntimeError):
     """A service's pickle could not be loaded on the machine (a missing module, say)."""
 
 
-def _py_spy(args: list[str], timeout: float) -> str:
-    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(exe):
-        raise FileNotFoundError("py-spy is not installed on this machine (pip install py-spy)")
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        message = (proc.stderr or proc.stdout).strip()
-        if "ermission" in message or "ptrace" in message.lower():
-            message += (
-                " -- py-spy needs ptrace rights: run as root, grant CAP_SYS_PTRACE, or set "
-                "kernel.yama.ptrace_scope=0 (sysctl)"
-            )
-        raise RuntimeError(f"py-spy {args[0]} failed: {message}")
-    return proc.stdout
+def heap_text(limit: int = 100) -> str:
+    """tracemalloc's top ``limit`` allocation sites of this process, one per line."""
+    stats = tracemalloc.take_snapshot().statistics("lineno")[:limit]
+    return "\n".join(str(s) for s in stats)
+
+
+def _profile_request(request: str | dict[str, Any]) -> tuple[str, bool]:
+    if isinstance(request, dict):
+        name = request.get("name")
+        include_self = bool(request.get("self", True))
+    else:
+        name, include_self = request, True
+    if not isinstance(name, str):
+        raise TypeError(f"profile takes a profile name, not {name!r}")
+    return name, include_self

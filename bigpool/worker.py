@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -44,11 +45,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from . import expvar
 from ._worker_main import (
     ENCODE_ERROR,
     ENV_FDS,
     HEADER,
     LENGTH,
+    MSG_EXPVARS,
     MSG_READY,
     MSG_RESULT,
     OK,
@@ -180,6 +183,7 @@ class _Worker:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.stderr_done = asyncio.get_running_loop().create_future()
         self.oom_before = _oom_kill_count()
+        self.expvars: dict[str, Any] = {}  # what the process published (bigpool.expvar)
 
     def __repr__(self) -> str:
         return f"<worker {self.pid} inflight={len(self.inflight)} tasks={self.tasks_done}>"
@@ -220,6 +224,8 @@ class _ResultProtocol(asyncio.Protocol):
                 service._on_result(worker, ntasks, body)
             elif kind == MSG_READY:
                 service._on_ready(worker, body)
+            elif kind == MSG_EXPVARS:
+                service._on_expvars(worker, body)
 
     def eof_received(self) -> bool | None:
         return None
@@ -311,6 +317,8 @@ class PoolWorkerService:
         self._monitor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._env: dict[str, str] = {}
+        # Expvars of workers that have exited, folded together (numbers summed).
+        self._past_expvars: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -586,6 +594,14 @@ class PoolWorkerService:
             w.ready.set_result(init_error)
         self._dispatch()
 
+    def _on_expvars(self, w: _Worker, body: Buffer) -> None:
+        try:
+            values = json.loads(bytes(body))
+        except ValueError:
+            return
+        if isinstance(values, dict):
+            w.expvars = values
+
     def _on_result(self, w: _Worker, ntasks: int, record: Buffer) -> None:
         if not w.inflight:
             return  # cannot happen: a worker answers only chunks it was sent
@@ -670,6 +686,7 @@ class PoolWorkerService:
             await asyncio.wait_for(asyncio.shield(w.stderr_done), 1.0)
         w.close_pipes()
         self._all.discard(w)
+        expvar.fold(self._past_expvars, w.expvars)
         if self._closed or w.retiring:
             return
         exitcode = w.proc.returncode
@@ -800,6 +817,22 @@ class PoolWorkerService:
         finally:
             if not self._closed:
                 self._kill_all()
+
+    def _bigpool_expvars(self) -> dict[str, Any]:
+        """What the Supervisor's expvars show of this service: :meth:`stats`, and under
+        ``"expvars"`` what its worker processes published (``bigpool.expvar_add`` in a
+        task), over every worker this machine has had: numbers summed, other values the
+        latest."""
+        report = self.stats()
+        total = dict(self._past_expvars)
+        for w in list(self._all):
+            expvar.fold(total, w.expvars)
+        report["expvars"] = total
+        return report
+
+    def _bigpool_pids(self) -> list[int]:
+        """The live worker processes, for the Supervisor's profiles of this machine."""
+        return [w.pid for w in self._workers if w.proc.poll() is None]
 
     def _bigpool_close(self) -> None:
         """Called by in-process systems when the machine goes away: no worker may stay."""
