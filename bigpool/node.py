@@ -3,7 +3,8 @@
 :class:`MachineRuntime` serves the :class:`Supervisor` and the user's services over mutual
 TLS, and runs the watchdog that ends the machine when keepalives stop (so a driver that dies,
 even by SIGKILL, leaves no machine behind). The local system starts this module as a process
-and hands it, through inherited file descriptors and the environment:
+and hands it, through inherited file descriptors and the environment (the EC2 system's first
+stage, :mod:`bigpool.systems.ec2_stage1`, does the same on an instance):
 
 * ``BIGPOOL_LISTEN_FD``: a listening socket the driver bound (no port race);
 * ``BIGPOOL_CREDENTIALS_FD``: a pipe carrying this machine's leaf key and certificate and the
@@ -172,6 +173,9 @@ class MachineRuntime:
 
         data = await reader.read()
         bundle = await self.loop.run_in_executor(None, deserialize_bundle, data)
+        prepare = getattr(self.system, "prepare_bundle", None)
+        if callable(prepare):  # before storing: a stored bundle is one ready to exec
+            await self.loop.run_in_executor(None, prepare, bundle)
         path = await self.loop.run_in_executor(None, write_bundle, bundle, self.bundle_dir)
         self.last_bundle_path = path
         return bundle.digest
@@ -191,9 +195,15 @@ class MachineRuntime:
             raise FileNotFoundError(f"bundle {digest} is not stored on this machine")
 
     def exec_bundle(self, digest: str) -> None:
-        """Replace this process with a Python that has the bundle first on its path."""
+        """Replace this process with a Python that has the bundle first on its path.
+
+        The Python is this one, unless the system's optional ``bundle_python(path)`` names
+        another (the EC2 system's venv for the bundle's environment).
+        """
         assert self._sock is not None
         path = self._bundle_path(digest)
+        choose = getattr(self.system, "bundle_python", None)
+        python = choose(path) if callable(choose) else sys.executable
         env = dict(os.environ)
         env.update(self.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
@@ -210,7 +220,7 @@ class MachineRuntime:
         env[ENV_CREDENTIALS_FD] = str(read_fd)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "bigpool.node"], env)
+        os.execve(python, [python, "-m", "bigpool.node"], env)
 
 
 def _read_all_fd(fd: int) -> bytes:
