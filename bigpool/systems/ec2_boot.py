@@ -16,7 +16,7 @@ The user-data is a bash script (gzip+base64 payloads inside, well under EC2's 16
 **Test mode.** With ``BIGPOOL_EC2_TEST_ROOT`` set in its environment the same script keeps every
 file under that directory, uses ``$BIGPOOL_EC2_TEST_PYTHON`` instead of installing anything,
 runs ``boot.sh`` in the foreground instead of through systemd, and stands in for the power-off by
-writing the boot script's exit status to ``$BIGPOOL_EC2_TEST_ROOT/poweroff``. Nothing else
+appending the boot script's exit status to ``$BIGPOOL_EC2_TEST_ROOT/poweroff``. Nothing else
 changes, so tests run the very bytes an instance gets.
 
 :func:`hand_off` is the driver's half of the first stage's protocol.
@@ -158,7 +158,7 @@ chmod 700 "$state/boot.sh"
 if [ -n "$root" ]; then
   status=0
   "$state/boot.sh" "$state" || status=$?
-  echo "$status" > "$root/poweroff"
+  echo "$status" >> "$root/poweroff"
   exit 0
 fi
 cat > /etc/systemd/system/bigpool.service <<UNIT

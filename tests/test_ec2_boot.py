@@ -1,0 +1,172 @@
+"""An EC2 machine's whole boot, for real, with moto standing in for EC2.
+
+When moto first reports an instance running with its private IP, the test makes a network
+namespace that owns that IP (a veth pair to this host, whose end carries the driver's address)
+and runs in it the user-data EC2 holds for the instance, byte for byte, in test mode
+(``BIGPOOL_EC2_TEST_ROOT``: files under a temporary root, this test's Python instead of apt and
+pip, the power-off recorded in a file). The driver then boots the machine as it would on EC2:
+hand-off to the first stage, bundle upload, venv, exec, RUNNING, a service call; a second
+machine on the same root skips the upload; after shutdown each machine's watchdog ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from ec2_probe import Probe
+from ec2_support import REGION, guarded_session, moto_ami, moto_env, user_data_of
+from pool_support import wait_until
+
+import bigpool
+from bigpool.bundle import current_bundle
+from bigpool.machine import State
+from bigpool.node import EXIT_NO_KEEPALIVE
+from bigpool.systems import KeepaliveConfig
+from bigpool.systems.ec2 import EC2System, list_instances
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or sys.platform != "linux",
+    reason="needs root and iproute2 to make network namespaces",
+)
+
+# The driver's end of every veth pair (TEST-NET-2: routed nowhere from here).
+DRIVER = "198.51.100.77"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+class Instances:
+    """Network namespaces standing in for instances, each running its user-data."""
+
+    def __init__(self, ec2: Any, root: str) -> None:
+        self.ec2 = ec2
+        self.root = root
+        self.tag = uuid.uuid4().hex[:6]
+        self.namespaces: list[str] = []
+        self.links: list[str] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.started: dict[str, str] = {}
+
+    def on_describe(self, parsed: dict[str, Any], **_: Any) -> None:
+        for reservation in parsed.get("Reservations", []):
+            for inst in reservation.get("Instances", []):
+                if (inst["State"]["Name"] == "running" and inst.get("PrivateIpAddress")
+                        and inst["InstanceId"] not in self.started):
+                    self.boot(inst["InstanceId"], inst["PrivateIpAddress"])
+
+    def boot(self, instance_id: str, ip: str) -> None:
+        n = len(self.started)
+        self.started[instance_id] = ip
+        ns, host, peer = f"bpec2-{self.tag}-{n}", f"bpe{self.tag}h{n}", f"bpe{self.tag}n{n}"
+        _ip("netns", "add", ns)
+        self.namespaces.append(ns)
+        _ip("link", "add", host, "type", "veth", "peer", "name", peer)
+        self.links.append(host)
+        _ip("link", "set", peer, "netns", ns)
+        _ip("addr", "add", f"{DRIVER}/32", "dev", host)
+        _ip("link", "set", host, "up")
+        _ip("route", "add", f"{ip}/32", "dev", host, "src", DRIVER)
+        _ip("-n", ns, "addr", "add", f"{ip}/32", "dev", peer)
+        _ip("-n", ns, "link", "set", peer, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "route", "add", f"{DRIVER}/32", "dev", peer)
+        script = os.path.join(self.root, f"user-data-{instance_id}.sh")
+        with open(script, "w") as f:
+            f.write(user_data_of(self.ec2, instance_id))
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": self.root,
+            "BIGPOOL_EC2_TEST_ROOT": self.root,
+            "BIGPOOL_EC2_TEST_PYTHON": sys.executable,
+        }
+        log = open(os.path.join(self.root, f"{instance_id}.log"), "wb")  # noqa: SIM115
+        self.procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", ns, "bash", script], env=env, stdout=log, stderr=log,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        ))
+        log.close()
+
+    def logs(self) -> str:
+        out = []
+        for name in sorted(os.listdir(self.root)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.root, name), errors="replace") as f:
+                    out.append(f"--- {name}\n{f.read()[-3000:]}")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+            proc.wait(10)
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        for link in self.links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def moto() -> Iterator[str]:
+    with moto_env() as url:
+        yield url
+
+
+def test_user_data_boots_a_machine_in_a_namespace(moto: str, tmp_path: Any) -> None:
+    root = str(tmp_path)
+    ec2 = guarded_session(moto).client("ec2", endpoint_url=moto)
+    instances = Instances(ec2, root)
+    system = EC2System(
+        session=guarded_session(moto), endpoint_url=moto, region=REGION, ami=moto_ami(ec2),
+        address="private", driver_address=DRIVER, port=9443,
+        keepalive=KeepaliveConfig(period=0.5, timeout=4.0, rpc_timeout=2.0),
+        boot_timeout=60.0,
+    )
+    b = bigpool.start(system=system)
+    try:
+        system.ec2.meta.events.register("after-call.ec2.DescribeInstances", instances.on_describe)
+        [m1] = b.start(1, services={"Probe": Probe()})
+        assert m1.wait(State.RUNNING, timeout=90) is State.RUNNING, (m1.err(), instances.logs())
+        here = m1.call("Probe.where", timeout=30)
+        assert here["netns"] != os.stat("/proc/self/ns/net").st_ino  # it runs in the namespace
+        venvs = os.path.join(root, "var/lib/bigpool/venvs")
+        assert os.path.dirname(here["prefix"]) == venvs  # exec'd into the environment's venv
+        assert here["digest"] == current_bundle().digest
+        assert b.bundle_uploads == 1
+        assert m1.call("Probe.add", (2, 3)) == 5
+        [venv] = os.listdir(venvs)
+        marker = os.path.join(venvs, venv, ".bigpool-ready")
+        made = os.stat(marker).st_mtime_ns
+
+        [m2] = b.start(1, services={"Probe": Probe()})  # a second instance, same disk
+        assert m2.wait(State.RUNNING, timeout=90) is State.RUNNING, (m2.err(), instances.logs())
+        assert m2.call("Probe.where", timeout=30)["prefix"] == here["prefix"]
+        assert b.bundle_uploads == 1  # the bundle was there: no upload
+        assert os.stat(marker).st_mtime_ns == made  # nor a new venv
+        assert len(os.listdir(os.path.join(root, "var/lib/bigpool/bootstrap"))) == 1
+        assert len(instances.started) == 2
+    finally:
+        b.shutdown()
+        try:
+            # Terminated in EC2; the processes here end by their own watchdog, as on an
+            # instance whose driver went away, and "power off".
+            poweroff = os.path.join(root, "poweroff")
+            wait_until(lambda: all(p.poll() is not None for p in instances.procs), 30,
+                       "the machines' watchdogs to end them")
+            with open(poweroff) as f:
+                statuses = f.read().split()
+            logs = instances.logs()
+        finally:
+            instances.close()
+    assert statuses == [str(EXIT_NO_KEEPALIVE)] * 2, logs
+    assert "no keepalive from the driver in time" in logs
+    assert list_instances(ec2, cluster=system.cluster_id, states=("pending", "running")) == []
