@@ -65,8 +65,15 @@ def guarded_session(url: str) -> Any:
     return session
 
 
+_amis: dict[str, str] = {}
+
+
 def moto_ami(ec2: Any) -> str:
-    return str(ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"])
+    """An image moto knows (looked up once per server: the listing takes seconds)."""
+    url = ec2.meta.endpoint_url
+    if url not in _amis:
+        _amis[url] = str(ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"])
+    return _amis[url]
 
 
 def user_data_of(ec2: Any, instance_id: str) -> str:

@@ -283,7 +283,7 @@ def test_budget_refuses_what_it_cannot_afford(moto: str, ec2: Any) -> None:
 
 
 def test_ttl_stops_the_cluster(moto: str, ec2: Any) -> None:
-    system = make_system(moto, ec2, ttl=1.0, monitor_interval=0.1)
+    system = make_system(moto, ec2, ttl=3.0, monitor_interval=0.1)
     b = bigpool.start(system=system)
     try:
         [m] = b.start(1, services={"Echo": Echo()})

@@ -115,6 +115,31 @@ class Instances:
             subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
 
 
+def _boot_leaf_cannot_call(ec2: Any, instances: Instances, addr: str, b: Any) -> None:
+    """The boot leaf is in the user-data, readable by anything on the instance: it serves the
+    first stage but is no client certificate, so it cannot call machines. A leaf of the same
+    CA that is one can."""
+    import asyncio
+
+    from ec2_support import user_data_files
+
+    from bigpool.h2rpc import Client, Credentials, NetworkError
+
+    files = user_data_files(user_data_of(ec2, next(iter(instances.started))))
+    boot = Credentials(files["boot-cert.pem"], files["boot-key.pem"], files["ca.pem"])
+
+    async def info(credentials: Credentials) -> Any:
+        client = Client(credentials.client_context())
+        try:
+            return await client.call(addr, "Supervisor.info", None, timeout=10)
+        finally:
+            await client.close()
+
+    with pytest.raises(NetworkError):
+        asyncio.run(info(boot))
+    assert asyncio.run(info(b.authority.issue("another client")))["pid"] > 0
+
+
 @pytest.fixture
 def moto() -> Iterator[str]:
     with moto_env() as url:
@@ -143,6 +168,7 @@ def test_user_data_boots_a_machine_in_a_namespace(moto: str, tmp_path: Any) -> N
         assert here["digest"] == current_bundle().digest
         assert b.bundle_uploads == 1
         assert m1.call("Probe.add", (2, 3)) == 5
+        _boot_leaf_cannot_call(ec2, instances, m1.addr, b)
         [venv] = os.listdir(venvs)
         marker = os.path.join(venvs, venv, ".bigpool-ready")
         made = os.stat(marker).st_mtime_ns

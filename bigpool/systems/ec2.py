@@ -505,7 +505,13 @@ class EC2System:
             )
             record.thread.start()
             machines.append(machine)
+        if self._expired_now():  # the TTL ran out while these started (the monitor's thread)
+            for machine in machines:
+                machine._fail(ClusterExpiredError(self.ttl or 0))
         return machines
+
+    def _expired_now(self) -> bool:
+        return self._expired
 
     def _live_records(self) -> list[_Instance]:
         with self._lock:
@@ -609,6 +615,7 @@ class EC2System:
             boot = b.authority.issue(
                 "bigpool machine (boot)", dns=[BOOT_NAME],
                 lifetime=datetime.timedelta(seconds=self.boot_timeout + 3600),
+                client_auth=False,  # user-data is readable on the instance: it must call no one
             )
             self._user_data = user_data(
                 boot_credentials=boot,
@@ -670,7 +677,7 @@ class EC2System:
         ids = [r.instance_id for r in records]
         key = "PublicIpAddress" if self.address == "public" else "PrivateIpAddress"
         deadline = time.monotonic() + self.boot_timeout
-        delay = 0.5
+        delay = 0.25
         try:
             while True:
                 pending = [r for r in records if r.ip is None]
@@ -686,6 +693,8 @@ class EC2System:
                         ip = self._address_for(instance) if self._address_for else instance.get(key)
                         record.ip = str(ip) if ip else None
                 if self._stopped.is_set():
+                    if self._expired and self.ttl is not None:
+                        raise ClusterExpiredError(self.ttl)
                     raise EC2Error("the EC2 system was shut down while instances were starting")
                 if time.monotonic() + delay > deadline:
                     raise EC2Error(f"instances {ids} had no {self.address} address within "
@@ -715,7 +724,8 @@ class EC2System:
                 stopped=self._stopped,
             )
         except BaseException as exc:
-            record.machine._fail(exc)
+            expired = self._expired and self.ttl is not None
+            record.machine._fail(ClusterExpiredError(self.ttl or 0) if expired else exc)
             self._terminate([record.instance_id])
             return
         mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
