@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from ec2_probe import Probe
+from ec2_probe import Probe, netns, square
 from ec2_support import REGION, guarded_session, moto_ami, moto_env, user_data_of
 from pool_support import wait_until
 
 import bigpool
+from bigpool import BigPool
 from bigpool.bundle import current_bundle
 from bigpool.machine import State
 from bigpool.node import EXIT_NO_KEEPALIVE
@@ -146,19 +147,42 @@ def moto() -> Iterator[str]:
         yield url
 
 
-def test_user_data_boots_a_machine_in_a_namespace(moto: str, tmp_path: Any) -> None:
-    root = str(tmp_path)
+@pytest.fixture
+def instances(moto: str, tmp_path: Any) -> Iterator[Instances]:
+    """Namespaces that boot whatever the EC2 system launches; all gone after the test."""
     ec2 = guarded_session(moto).client("ec2", endpoint_url=moto)
-    instances = Instances(ec2, root)
-    system = EC2System(
-        session=guarded_session(moto), endpoint_url=moto, region=REGION, ami=moto_ami(ec2),
+    instances = Instances(ec2, str(tmp_path))
+    try:
+        yield instances
+    finally:
+        instances.close()
+
+
+def make_system(moto: str, instances: Instances) -> EC2System:
+    session = guarded_session(moto)
+    session.events.register("after-call.ec2.DescribeInstances", instances.on_describe)
+    return EC2System(
+        session=session, endpoint_url=moto, region=REGION, ami=moto_ami(instances.ec2),
         address="private", driver_address=DRIVER, port=9443,
         keepalive=KeepaliveConfig(period=0.5, timeout=4.0, rpc_timeout=2.0),
         boot_timeout=60.0,
     )
+
+
+def powered_off(instances: Instances) -> list[str]:
+    """Wait for every machine to end by its own watchdog (the driver is gone); the statuses
+    the boot scripts recorded in place of powering off."""
+    wait_until(lambda: all(p.poll() is not None for p in instances.procs), 30,
+               "the machines' watchdogs to end them")
+    with open(os.path.join(instances.root, "poweroff")) as f:
+        return f.read().split()
+
+
+def test_user_data_boots_a_machine_in_a_namespace(moto: str, instances: Instances) -> None:
+    root, ec2 = instances.root, instances.ec2
+    system = make_system(moto, instances)
     b = bigpool.start(system=system)
     try:
-        system.ec2.meta.events.register("after-call.ec2.DescribeInstances", instances.on_describe)
         [m1] = b.start(1, services={"Probe": Probe()})
         assert m1.wait(State.RUNNING, timeout=90) is State.RUNNING, (m1.err(), instances.logs())
         here = m1.call("Probe.where", timeout=30)
@@ -182,17 +206,17 @@ def test_user_data_boots_a_machine_in_a_namespace(moto: str, tmp_path: Any) -> N
         assert len(instances.started) == 2
     finally:
         b.shutdown()
-        try:
-            # Terminated in EC2; the processes here end by their own watchdog, as on an
-            # instance whose driver went away, and "power off".
-            poweroff = os.path.join(root, "poweroff")
-            wait_until(lambda: all(p.poll() is not None for p in instances.procs), 30,
-                       "the machines' watchdogs to end them")
-            with open(poweroff) as f:
-                statuses = f.read().split()
-            logs = instances.logs()
-        finally:
-            instances.close()
-    assert statuses == [str(EXIT_NO_KEEPALIVE)] * 2, logs
-    assert "no keepalive from the driver in time" in logs
+    # Terminated in EC2; the processes here end by their own watchdog, as on an instance
+    # whose driver went away, and "power off".
+    assert powered_off(instances) == [str(EXIT_NO_KEEPALIVE)] * 2, instances.logs()
+    assert "no keepalive from the driver in time" in instances.logs()
     assert list_instances(ec2, cluster=system.cluster_id, states=("pending", "running")) == []
+
+
+def test_bigpool_maps_over_an_ec2_machine(moto: str, instances: Instances) -> None:
+    system = make_system(moto, instances)
+    with BigPool(processes=2, system=system) as p:
+        assert p.map(square, range(20)) == [x * x for x in range(20)]
+        assert p.apply(netns) != os.stat("/proc/self/ns/net").st_ino
+        assert len(p.machines) == 1 and p.machines[0].maxprocs == system.maxprocs() == 2
+    assert powered_off(instances) == [str(EXIT_NO_KEEPALIVE)], instances.logs()
