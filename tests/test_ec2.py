@@ -241,6 +241,51 @@ def test_spot_falls_back_to_on_demand_and_ondemand_skips_spot(moto: str, ec2: An
         b.shutdown()
 
 
+def _error(code: str, status: int = 400) -> Any:
+    return AWSResponse("http://127.0.0.1/", status, {}, None), {
+        "Error": {"Code": code, "Message": f"{code} (injected)"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+
+
+def test_partial_spot_kept_when_on_demand_fails_and_new_instances_not_yet_visible(
+    moto: str, ec2: Any
+) -> None:
+    system = make_system(moto, ec2)
+    b = bigpool.start(system=system)
+    describes: list[int] = []
+
+    def not_found_at_first(**_: Any) -> Any:
+        describes.append(1)
+        return _error("InvalidInstanceID.NotFound") if len(describes) == 1 else None
+
+    def on_demand_fails(params: dict[str, Any], **_: Any) -> Any:
+        return None if _is_spot(params) else _error("InsufficientInstanceCapacity", 500)
+
+    system.ec2.meta.events.register("before-call.ec2.DescribeInstances", not_found_at_first)
+    system.ec2.meta.events.register("before-call.ec2.RunInstances", on_demand_fails)
+    try:
+        # Moto gives 1 spot instance of the 2 asked; on-demand has no capacity either.
+        machines = b.start(2, services={"Echo": Echo()})
+        assert len(machines) == 1 and len(describes) >= 2
+        [inst] = cluster_instances(ec2, system)
+        assert inst.get("InstanceLifecycle") == "spot"
+    finally:
+        b.shutdown()
+
+
+def test_a_failed_termination_is_loud_and_names_the_cleanup(moto: str, ec2: Any) -> None:
+    system = make_system(moto, ec2)
+    b = bigpool.start(system=system)
+    b.start(1, services={"Echo": Echo()})
+    system.ec2.meta.events.register(
+        "before-call.ec2.TerminateInstances", lambda **_: _error("UnauthorizedOperation", 403))
+    with pytest.raises(Exception, match=f"ec2 cleanup --cluster {system.cluster_id} --yes"):
+        b.shutdown()
+    [inst] = cluster_instances(ec2, system)  # still running: the error was not a lie
+    ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+
+
 def test_ami_from_public_ssm_parameter(moto: str, ec2: Any) -> None:
     # Moto keeps no /aws/service/... parameters (and refuses to store them), so the public
     # parameter is answered here, on the wire, the way SSM would.

@@ -409,6 +409,8 @@ class EC2System:
         self._stopped = threading.Event()
         self._monitor: threading.Thread | None = None
         self._user_data: str | None = None
+        self._spec: dict[str, Any] | None = None
+        self._spec_lock = threading.Lock()
         self._expired = False
 
     def __repr__(self) -> str:
@@ -489,7 +491,10 @@ class EC2System:
             hourly = price * (len(self._live_records()) + count)
             if hourly > self.max_hourly_usd + 1e-9:
                 raise BudgetExceededError(count, hourly, self.max_hourly_usd)
-        launched = self._launch(count, self._launch_spec(b))
+        with self._spec_lock:  # concurrent starts must not race to make the security group
+            if self._spec is None:
+                self._spec = self._launch_spec(b)
+        launched = self._launch(count, self._spec)
         ready = self._wait_for_addresses(launched)
         machines = []
         for record in ready:
@@ -666,10 +671,12 @@ class EC2System:
         if len(records) < count:
             try:
                 records += self._run(spec, count - len(records), spot=False)
-            except BaseException:
-                if records:
-                    self._terminate([r.instance_id for r in records])
-                raise
+            except ClientError as exc:
+                if not records:
+                    raise
+                # As Bigmachine: what spot gave is kept; B gets fewer machines than asked.
+                log.warning("bigpool ec2: on-demand launch failed (%s); starting %d of %d",
+                            exc, len(records), count)
         return records
 
     def _wait_for_addresses(self, records: list[_Instance]) -> list[_Instance]:
@@ -683,7 +690,7 @@ class EC2System:
                 pending = [r for r in records if r.ip is None]
                 if not pending:
                     return records
-                for instance in self._describe([r.instance_id for r in pending]):
+                for instance in self._describe_new([r.instance_id for r in pending]):
                     record = self.instances[instance["InstanceId"]]
                     state = instance.get("State", {}).get("Name", "")
                     if state in ("shutting-down", "terminated", "stopping", "stopped"):
@@ -703,6 +710,19 @@ class EC2System:
                 delay = min(delay * 1.5, 5.0)
         except BaseException:
             self._terminate(ids)
+            raise
+
+    def _describe_new(self, ids: list[str]) -> list[dict[str, Any]]:
+        """:meth:`_describe`, but nothing yet for instances EC2 does not know yet: right after
+        RunInstances, DescribeInstances may say they do not exist (it is eventually
+        consistent)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._describe(ids)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidInstanceID.NotFound":
+                return []
             raise
 
     def _describe(self, ids: list[str]) -> list[dict[str, Any]]:
@@ -726,7 +746,10 @@ class EC2System:
         except BaseException as exc:
             expired = self._expired and self.ttl is not None
             record.machine._fail(ClusterExpiredError(self.ttl or 0) if expired else exc)
-            self._terminate([record.instance_id])
+            try:
+                self._terminate([record.instance_id])
+            except EC2Error as err:
+                log.error("bigpool ec2: %s", err)
             return
         mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
         if hello.get("python") != mine:
@@ -737,12 +760,27 @@ class EC2System:
     # stopping ----------------------------------------------------------------------------------
 
     def _terminate(self, ids: list[str]) -> None:
+        """Terminate the instances of ``ids`` not already terminated.
+
+        Raises :class:`EC2Error` naming them (and the cleanup command) if EC2 refuses: an
+        instance left running costs money, so this is never silent.
+        """
         with self._lock:
             ids = [i for i in ids if i in self.instances and not self.instances[i].terminated]
             for i in ids:
                 self.instances[i].terminated = True
-        if ids and self._ec2 is not None:
+        if not ids or self._ec2 is None:
+            return
+        try:
             terminate_instances(self._ec2, ids)
+        except Exception as exc:
+            with self._lock:
+                for i in ids:
+                    self.instances[i].terminated = False
+            raise EC2Error(
+                f"could not terminate instances {', '.join(ids)}: {type(exc).__name__}: {exc}; "
+                f"run: python -m bigpool ec2 cleanup --cluster {self.cluster_id} --yes"
+            ) from exc
 
     def terminate_all(self) -> None:
         """Terminate every instance this system launched (idempotent, from any thread)."""
