@@ -115,13 +115,23 @@ def test_bad_options_say_what_is_wrong(kwargs: dict[str, Any], message: str) -> 
         EC2System(**kwargs)
 
 
-def test_flags_and_environment_choose_type_and_market(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flags_and_environment_choose_type_and_market(
+    moto: str, ec2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
     bigpool.add_arguments(parser)
-    args = parser.parse_args(["--bigpool-ec2-type", "c6i.xlarge", "--bigpool-ec2-ondemand"])
-    assert args.bigpool_ec2_instance_type == "c6i.xlarge" and args.bigpool_ec2_ondemand is True
+    args = parser.parse_args(["--bigpool-system", "ec2", "--bigpool-ec2-type", "c6i.xlarge",
+                              "--bigpool-ec2-ondemand"])
+    b = bigpool.start(args=args, session=guarded_session(moto), endpoint_url=moto,
+                      driver_address=DRIVER, ami=moto_ami(ec2))
+    try:
+        assert isinstance(b.system, EC2System)
+        assert b.system.instance_type.name == "c6i.xlarge" and b.system.ondemand
+        assert b.system.maxprocs() == 4
+    finally:
+        b.shutdown()
     monkeypatch.setenv("BIGPOOL_EC2_TYPE", "r6i.xlarge")
     monkeypatch.setenv("BIGPOOL_EC2_ONDEMAND", "1")
     system = EC2System()
@@ -168,6 +178,7 @@ def test_launch_type_tags_user_data_security_group_and_terminate(moto: str, ec2:
         assert leaf_key.private_numbers().private_value != ca_key  # type: ignore[union-attr]
         assert script.count("PRIVATE KEY") == 0  # only the gzipped boot leaf key, nothing in clear
         assert "ExecStopPost=/bin/systemctl poweroff" in script
+        assert "RuntimeMaxSec=infinity" in script
 
         group_id = instances[0]["SecurityGroups"][0]["GroupId"]
         group = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
@@ -184,7 +195,7 @@ def test_launch_type_tags_user_data_security_group_and_terminate(moto: str, ec2:
     assert states == {"terminated"}
 
     # A second cluster from the same driver address reuses the group, rule unchanged.
-    again = make_system(moto, ec2, port=system.port)
+    again = make_system(moto, ec2, port=system.port, poweroff=False)
     b2 = bigpool.start(system=again)
     try:
         b2.start(1, services={"Echo": Echo()})
@@ -192,6 +203,7 @@ def test_launch_type_tags_user_data_security_group_and_terminate(moto: str, ec2:
         assert inst["SecurityGroups"][0]["GroupId"] == group_id
         group = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
         assert [r["CidrIp"] for r in group["IpPermissions"][0]["IpRanges"]] == [f"{DRIVER}/32"]
+        assert "poweroff" not in user_data_of(ec2, inst["InstanceId"]).split("[Service]")[1]
     finally:
         b2.shutdown()
 
@@ -336,6 +348,8 @@ def test_ttl_stops_the_cluster(moto: str, ec2: Any) -> None:
         assert isinstance(m.err(), ClusterExpiredError)
         [inst] = cluster_instances(ec2, system, ("terminated",))
         assert instance_tags(inst)["bigpool:expires"].endswith("Z")
+        # Each instance also stops itself at the TTL, should the driver be gone.
+        assert "RuntimeMaxSec=3s" in user_data_of(ec2, inst["InstanceId"])
         with pytest.raises(ClusterExpiredError):
             b.start(1, services={"Echo": Echo()})
     finally:

@@ -318,6 +318,9 @@ class EC2System:
         keepalive, boot_timeout: driver timings (see :class:`KeepaliveConfig`).
         endpoint_url, session: where boto3 sends requests / a ready ``boto3.Session``.
         monitor_interval: seconds between TTL and instance-state checks.
+        poweroff: ``False`` keeps an instance up after bigpool on it exits (Bigmachine's
+            "immortal" machines, for debugging a boot over ssh); the driver still terminates
+            it on shutdown, and meanwhile it costs money.
         address_for: a test seam: the IP to dial for an instance, given its DescribeInstances
             record (``None`` while it has none); default its public or private IP.
     """
@@ -351,6 +354,7 @@ class EC2System:
         session: Any = None,
         monitor_interval: float = DEFAULT_MONITOR_INTERVAL,
         address_for: Callable[[Mapping[str, Any]], str | None] | None = None,
+        poweroff: bool = True,
     ) -> None:
         if instance_type is None and cpus is None and memory_gib is None:
             instance_type = os.environ.get(ENV_TYPE) or None
@@ -399,6 +403,7 @@ class EC2System:
         self.monitor_interval = monitor_interval
         self._session = session
         self._address_for = address_for
+        self.poweroff = poweroff
         self._ec2: Any = None
         self._ssm: Any = None
         self._b: B | None = None
@@ -633,6 +638,7 @@ class EC2System:
                 },
                 requirements=machine_requirements(),
                 ttl=self.ttl,
+                poweroff=self.poweroff,
                 comment=f"cluster {self.cluster_id}",
             )
         return self._user_data

@@ -94,10 +94,12 @@ def user_data(
     node_env: Mapping[str, str],
     requirements: Sequence[str],
     ttl: float | None = None,
+    poweroff: bool = True,
     comment: str = "",
 ) -> str:
     """The user-data script for one cluster (the same for each of its machines).
 
+    ``poweroff=False`` leaves out the power-off after bigpool exits (for debugging a boot).
     Raises ``ValueError`` if it would exceed EC2's 16 KB, or if ``boot_credentials`` carries
     anything that looks like a CA key.
     """
@@ -122,6 +124,7 @@ def user_data(
     )
     pins = " ".join(shlex.quote(r) for r in requirements)
     runtime_max = f"{max(1, int(ttl))}s" if ttl else "infinity"
+    stop_post = "ExecStopPost=/bin/systemctl poweroff" if poweroff else ""
     script = f"""#!/bin/bash
 # bigpool machine boot{': ' + comment if comment else ''}. See docs/ec2.md.
 set -eu
@@ -168,7 +171,7 @@ Wants=network-online.target
 After=network-online.target
 [Service]
 ExecStart=$state/boot.sh $state
-ExecStopPost=/bin/systemctl poweroff
+{stop_post}
 RuntimeMaxSec={runtime_max}
 LimitNOFILE=1048576
 UNIT
