@@ -415,7 +415,7 @@ class EC2System:
         self._monitor: threading.Thread | None = None
         self._user_data: str | None = None
         self._spec: dict[str, Any] | None = None
-        self._spec_lock = threading.Lock()
+        self._launch_lock = threading.Lock()
         self._expired = False
 
     def __repr__(self) -> str:
@@ -492,14 +492,16 @@ class EC2System:
         if self._expired:
             raise ClusterExpiredError(self.ttl or 0)
         price = self.instance_type.price_usd
-        if self.max_hourly_usd is not None:
-            hourly = price * (len(self._live_records()) + count)
-            if hourly > self.max_hourly_usd + 1e-9:
-                raise BudgetExceededError(count, hourly, self.max_hourly_usd)
-        with self._spec_lock:  # concurrent starts must not race to make the security group
+        # One launch at a time: concurrent starts must neither both pass the budget check nor
+        # race to make the security group.
+        with self._launch_lock:
+            if self.max_hourly_usd is not None:
+                hourly = price * (len(self._live_records()) + count)
+                if hourly > self.max_hourly_usd + 1e-9:
+                    raise BudgetExceededError(count, hourly, self.max_hourly_usd)
             if self._spec is None:
                 self._spec = self._launch_spec(b)
-        launched = self._launch(count, self._spec)
+            launched = self._launch(count, self._spec)
         ready = self._wait_for_addresses(launched)
         machines = []
         for record in ready:
@@ -740,18 +742,21 @@ class EC2System:
         return out
 
     def _hand_off(self, b: B, record: _Instance, credentials: Any) -> None:
+        from ..machine import State
         from .ec2_boot import hand_off
 
-        assert record.machine is not None and record.ip is not None
+        machine = record.machine
+        assert machine is not None and record.ip is not None
         try:
             hello = hand_off(
                 record.ip, self.port, driver_credentials=b.credentials,
                 machine_credentials=credentials, timeout=self.boot_timeout,
-                stopped=self._stopped,
+                cancelled=lambda: (self._stopped.is_set() or record.terminated
+                                   or machine.state is State.STOPPED),
             )
         except BaseException as exc:
             expired = self._expired and self.ttl is not None
-            record.machine._fail(ClusterExpiredError(self.ttl or 0) if expired else exc)
+            machine._fail(ClusterExpiredError(self.ttl or 0) if expired else exc)
             try:
                 self._terminate([record.instance_id])
             except EC2Error as err:

@@ -37,7 +37,7 @@ import ssl
 import threading
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..h2rpc import BigpoolError, Credentials
@@ -237,14 +237,14 @@ def hand_off(
     driver_credentials: Credentials,
     machine_credentials: Credentials,
     timeout: float,
-    stopped: threading.Event | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Give the first stage at ``host:port`` its final credentials and (if it lacks it) the
     bootstrap zip; blocks until it accepts, retrying while the instance boots.
 
     Returns the first stage's hello (``{"need_zip": bool, "python": "3.x"}``). Raises
     :class:`BootHandoffError` after ``timeout`` seconds, or at once if the peer's certificate is
-    not the cluster's, or when ``stopped`` is set.
+    not the cluster's, or once ``cancelled()`` says so (checked between attempts).
     """
     data, sha = bootstrap_package()
     addr = f"{host}:{port}"
@@ -253,7 +253,7 @@ def hand_off(
     delay = 0.05
     last = "no attempt"
     while True:
-        if stopped is not None and stopped.is_set():
+        if cancelled is not None and cancelled():
             raise BootHandoffError(addr, "the machine was stopped")
         try:
             with socket.create_connection((host, port), timeout=10) as raw, ctx.wrap_socket(
@@ -283,8 +283,5 @@ def hand_off(
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() + delay > deadline:
             raise BootHandoffError(addr, f"no answer within {timeout:g}s ({last})")
-        if stopped is not None:
-            stopped.wait(delay)
-        else:
-            time.sleep(delay)
+        time.sleep(delay)
         delay = min(delay * 2, 2.0)
