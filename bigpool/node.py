@@ -108,6 +108,7 @@ class MachineRuntime:
         self._exec_allowed = exec_allowed
         self._sock: socket.socket | None = None
         self._exiting = False
+        self._exec_task: asyncio.Task[None] | None = None
 
     async def serve(self, sock: socket.socket) -> tuple[str, int]:
         self._sock = sock
@@ -173,9 +174,6 @@ class MachineRuntime:
 
         data = await reader.read()
         bundle = await self.loop.run_in_executor(None, deserialize_bundle, data)
-        prepare = getattr(self.system, "prepare_bundle", None)
-        if callable(prepare):  # before storing: a stored bundle is one ready to exec
-            await self.loop.run_in_executor(None, prepare, bundle)
         path = await self.loop.run_in_executor(None, write_bundle, bundle, self.bundle_dir)
         self.last_bundle_path = path
         return bundle.digest
@@ -195,15 +193,32 @@ class MachineRuntime:
             raise FileNotFoundError(f"bundle {digest} is not stored on this machine")
 
     def exec_bundle(self, digest: str) -> None:
-        """Replace this process with a Python that has the bundle first on its path.
+        """Soon (after the exec call's reply is out) replace this process with a Python that
+        has the bundle first on its path.
 
         The Python is this one, unless the system's optional ``bundle_python(path)`` names
-        another (the EC2 system's venv for the bundle's environment).
+        another (the EC2 system's venv for the bundle's environment). That call may take long
+        (it may install packages), so it runs on a thread while the old image keeps answering
+        (the driver waits for the new digest); if it fails, the machine exits saying why.
         """
+        self._exec_task = self.loop.create_task(self._exec_bundle(digest))
+
+    async def _exec_bundle(self, digest: str) -> None:
+        await asyncio.sleep(0.05)
+        python = sys.executable
+        choose = getattr(self.system, "bundle_python", None)
+        if callable(choose):
+            try:
+                python = await self.loop.run_in_executor(None, choose, self._bundle_path(digest))
+            except Exception as exc:
+                self.exit(1, f"cannot prepare the environment of bundle {digest}: "
+                             f"{type(exc).__name__}: {exc}")
+                return
+        self._exec(digest, python)
+
+    def _exec(self, digest: str, python: str) -> None:
         assert self._sock is not None
         path = self._bundle_path(digest)
-        choose = getattr(self.system, "bundle_python", None)
-        python = choose(path) if callable(choose) else sys.executable
         env = dict(os.environ)
         env.update(self.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)

@@ -16,8 +16,8 @@ instance. Instances carry tags (``bigpool:cluster``, ``bigpool:driver-host``,
 ``... cleanup`` find leftovers. See ``docs/ec2.md``.
 
 On a machine, the node constructs ``EC2System()`` (no AWS call is made, boto3 is not imported)
-for its :meth:`EC2System.prepare_bundle` and :meth:`EC2System.bundle_python`, which put each
-bundle's distributions in a venv keyed by its environment (:mod:`.ec2_venv`).
+for its :meth:`EC2System.bundle_python`, which puts each bundle's distributions in a venv keyed
+by its environment (:mod:`.ec2_venv`) before the node execs into it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from ..h2rpc import BigpoolError
 from . import KeepaliveConfig
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
     from ..machine import B, Machine
 
 __all__ = [
@@ -860,16 +859,9 @@ class EC2System:
 
     # machine side ------------------------------------------------------------------------------
 
-    def prepare_bundle(self, bundle: Bundle) -> None:
-        """On a machine: make the venv for ``bundle``'s environment (see :mod:`.ec2_venv`)."""
-        from .ec2_venv import ENV_VENV_DIR, prepare_venv
-
-        root = os.environ.get(ENV_VENV_DIR)
-        if root:
-            prepare_venv(bundle.distributions, bundle.python, root)
-
     def bundle_python(self, bundle_path: str) -> str:
-        """On a machine: the Python of the venv for the stored bundle at ``bundle_path``."""
+        """On a machine: the Python of the venv for the stored bundle at ``bundle_path``,
+        made first if need be (see :mod:`.ec2_venv`); this Python outside EC2 machines."""
         from ..bundle import read_bundle
         from .ec2_venv import ENV_VENV_DIR, prepare_venv
 

@@ -144,8 +144,8 @@ if [ -n "${{BIGPOOL_EC2_TEST_ROOT:-}}" ]; then
 else
   export DEBIAN_FRONTEND=noninteractive
   if [ ! -e "$state/base/.ready" ]; then
-    apt-get update -q
-    apt-get install -y -q python3 python3-venv
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q python3 python3-venv
     python3 -m venv "$state/base"
     "$state/base/bin/pip" install -q --disable-pip-version-check --upgrade pip
     "$state/base/bin/pip" install -q --disable-pip-version-check {pins}
@@ -164,6 +164,7 @@ if [ -n "$root" ]; then
   echo "$status" >> "$root/poweroff"
   exit 0
 fi
+umask 022
 cat > /etc/systemd/system/bigpool.service <<UNIT
 [Unit]
 Description=bigpool machine
