@@ -204,6 +204,10 @@ def test_user_data_boots_a_machine_in_a_namespace(moto: str, instances: Instance
         assert os.stat(marker).st_mtime_ns == made  # nor a new venv
         assert len(os.listdir(os.path.join(root, "var/lib/bigpool/bootstrap"))) == 1
         assert len(instances.started) == 2
+        # The install branch test mode skips (apt, pip) is at least valid bash.
+        for script in (os.path.join(root, "var/lib/bigpool/boot.sh"),
+                       os.path.join(root, f"user-data-{next(iter(instances.started))}.sh")):
+            subprocess.run(["bash", "-n", script], check=True, timeout=30)
     finally:
         b.shutdown()
     # Terminated in EC2; the processes here end by their own watchdog, as on an instance
