@@ -8,6 +8,7 @@ network namespace, is in ``test_ec2_boot.py``.
 from __future__ import annotations
 
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_flags_and_environment_choose_type_and_market(
 
 
 def test_launch_type_tags_user_data_security_group_and_terminate(moto: str, ec2: Any) -> None:
-    system = make_system(moto, ec2, cpus=4, tags={"team": "bio"})
+    system = make_system(moto, ec2, cpus=4, tags={"team": "bio"}, pip_args=["--no-index"])
     b = bigpool.start(system=system)
     try:
         machines = b.start(2, services={"Echo": Echo()})
@@ -169,6 +170,9 @@ def test_launch_type_tags_user_data_security_group_and_terminate(moto: str, ec2:
         assert len(script.encode()) <= MAX_USER_DATA
         files = user_data_files(script)
         assert set(files) == {"stage1.py", "boot.json", "boot-cert.pem", "boot-key.pem", "ca.pem"}
+        node_env = json.loads(files["boot.json"])["env"]
+        assert node_env["BIGPOOL_MAXPROCS"] == "4" and node_env["BIGPOOL_SYSTEM_NAME"] == "ec2"
+        assert json.loads(node_env["BIGPOOL_PIP_ARGS"]) == ["--no-index"]
         assert b.authority is not None
         assert files["ca.pem"] == b.authority.cert_pem
         ca_key = b.authority._key.private_numbers().private_value

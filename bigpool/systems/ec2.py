@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import datetime
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -320,6 +321,8 @@ class EC2System:
         poweroff: ``False`` keeps an instance up after bigpool on it exits (Bigmachine's
             "immortal" machines, for debugging a boot over ssh); the driver still terminates
             it on shutdown, and meanwhile it costs money.
+        pip_args: extra arguments for the machines' pip when it installs the driver's
+            distributions (``["--index-url", "https://pypi.example.com/simple"]``, say).
         address_for: a test seam: the IP to dial for an instance, given its DescribeInstances
             record (``None`` while it has none); default its public or private IP.
     """
@@ -354,6 +357,7 @@ class EC2System:
         monitor_interval: float = DEFAULT_MONITOR_INTERVAL,
         address_for: Callable[[Mapping[str, Any]], str | None] | None = None,
         poweroff: bool = True,
+        pip_args: Iterable[str] = (),
     ) -> None:
         if instance_type is None and cpus is None and memory_gib is None:
             instance_type = os.environ.get(ENV_TYPE) or None
@@ -403,6 +407,7 @@ class EC2System:
         self._session = session
         self._address_for = address_for
         self.poweroff = poweroff
+        self.pip_args = [str(a) for a in pip_args]
         self._ec2: Any = None
         self._ssm: Any = None
         self._b: B | None = None
@@ -620,6 +625,7 @@ class EC2System:
     def _make_user_data(self, b: B) -> str:
         from ..node import ENV_KEEPALIVE_TIMEOUT, ENV_MAXPROCS, ENV_SYSTEM
         from .ec2_boot import BOOT_NAME, machine_requirements, user_data
+        from .ec2_venv import ENV_PIP_ARGS
 
         if self._user_data is None:
             assert b.authority is not None
@@ -636,6 +642,7 @@ class EC2System:
                     ENV_MAXPROCS: str(self.instance_type.vcpus),
                     ENV_SYSTEM: self.name,
                     ENV_KEEPALIVE_TIMEOUT: str(self.boot_timeout),
+                    ENV_PIP_ARGS: json.dumps(self.pip_args),
                 },
                 requirements=machine_requirements(),
                 ttl=self.ttl,
