@@ -139,6 +139,33 @@ def test_flags_and_environment_choose_type_and_market(
     assert system.instance_type.name == "r6i.xlarge" and system.ondemand
 
 
+def test_driver_address_from_the_default_route_never_from_the_internet(
+    moto: str, ec2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ipaddress
+
+    import psutil
+
+    from bigpool.systems.ec2 import _default_route_address
+
+    monkeypatch.delenv("BIGPOOL_EC2_DRIVER_ADDRESS", raising=False)
+    found = _default_route_address()
+    if found is None:
+        pytest.skip("this host has no IPv4 default route")
+    mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    assert found in mine and not ipaddress.IPv4Address(found).is_loopback
+    options = {"session": guarded_session(moto), "endpoint_url": moto, "ami": moto_ami(ec2)}
+    b = bigpool.start(system=EC2System(address="private", **options))
+    try:
+        assert b.system.driver_address == found  # type: ignore[attr-defined]
+    finally:
+        b.shutdown()
+    if ipaddress.IPv4Address(found).is_private:
+        # Dialling public IPs from behind NAT: the group would admit the wrong address.
+        with pytest.raises(ValueError, match="pass driver_address="):
+            bigpool.start(system=EC2System(address="public", **options))
+
+
 # launching against moto -----------------------------------------------------------------------
 
 
