@@ -11,6 +11,7 @@ import sys
 # command -> "module:function"; the function takes the remaining arguments and returns an
 # exit status.
 COMMANDS = {
+    "ec2": "bigpool.systems.ec2_cli:main",
     "profile": "bigpool.debug.cli:profile",
     "status": "bigpool.debug.cli:status",
     "threads": "bigpool.debug.cli:threads",

@@ -734,6 +734,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"system that provides machines: local, test, ec2, ... (default ${SYSTEM_ENV} or local)",
     )
+    group.add_argument(
+        "--bigpool-ec2-type", dest="bigpool_ec2_instance_type", default=None,
+        help="EC2 instance type of ec2 machines (default $BIGPOOL_EC2_TYPE or m6i.large)",
+    )
+    group.add_argument(
+        "--bigpool-ec2-ondemand", dest="bigpool_ec2_ondemand", action="store_const", const=True,
+        default=None, help="launch on-demand EC2 instances, not spot (default $BIGPOOL_EC2_ONDEMAND)",
+    )
 
 
 def start(
@@ -755,7 +763,8 @@ def start(
 
     ``system`` is a system name or object; otherwise it comes from ``args.bigpool_system``
     (flags added by :func:`add_arguments`), then ``$BIGPOOL_SYSTEM``, then ``"local"``.
-    ``system_options`` go to the system's constructor when a name is given. ``ca_path`` keeps
+    ``system_options`` go to the system's constructor when a name is given, with the system's
+    own flags from ``args`` (``--bigpool-ec2-type``) filling in any not given. ``ca_path`` keeps
     the authority in a file (mode 0600) instead of memory.
     """
     if debug is None and args is not None:
@@ -767,6 +776,11 @@ def start(
     if system is None:
         system = os.environ.get(SYSTEM_ENV) or "local"
     if isinstance(system, str):
+        if args is not None:  # flags of this system, e.g. --bigpool-ec2-type -> instance_type
+            prefix = f"bigpool_{system}_"
+            for key, value in vars(args).items():
+                if key.startswith(prefix) and value is not None:
+                    system_options.setdefault(key[len(prefix):], value)
         system = get_system(system, **system_options)
     elif system_options:
         raise TypeError("system options can only be given with a system name")

@@ -3,7 +3,8 @@
 :class:`MachineRuntime` serves the :class:`Supervisor` and the user's services over mutual
 TLS, and runs the watchdog that ends the machine when keepalives stop (so a driver that dies,
 even by SIGKILL, leaves no machine behind). The local system starts this module as a process
-and hands it, through inherited file descriptors and the environment:
+and hands it, through inherited file descriptors and the environment (the EC2 system's first
+stage, :mod:`bigpool.systems.ec2_stage1`, does the same on an instance):
 
 * ``BIGPOOL_LISTEN_FD``: a listening socket the driver bound (no port race);
 * ``BIGPOOL_CREDENTIALS_FD``: a pipe carrying this machine's leaf key and certificate and the
@@ -108,6 +109,7 @@ class MachineRuntime:
         self._exec_allowed = exec_allowed
         self._sock: socket.socket | None = None
         self._exiting = False
+        self._exec_task: asyncio.Task[None] | None = None
 
     async def serve(self, sock: socket.socket) -> tuple[str, int]:
         self._sock = sock
@@ -192,7 +194,30 @@ class MachineRuntime:
             raise FileNotFoundError(f"bundle {digest} is not stored on this machine")
 
     def exec_bundle(self, digest: str) -> None:
-        """Replace this process with a Python that has the bundle first on its path."""
+        """Soon (after the exec call's reply is out) replace this process with a Python that
+        has the bundle first on its path.
+
+        The Python is this one, unless the system's optional ``bundle_python(path)`` names
+        another (the EC2 system's venv for the bundle's environment). That call may take long
+        (it may install packages), so it runs on a thread while the old image keeps answering
+        (the driver waits for the new digest); if it fails, the machine exits saying why.
+        """
+        self._exec_task = self.loop.create_task(self._exec_bundle(digest))
+
+    async def _exec_bundle(self, digest: str) -> None:
+        await asyncio.sleep(0.05)
+        python = sys.executable
+        choose = getattr(self.system, "bundle_python", None)
+        if callable(choose):
+            try:
+                python = await self.loop.run_in_executor(None, choose, self._bundle_path(digest))
+            except Exception as exc:
+                self.exit(1, f"cannot prepare the environment of bundle {digest}: "
+                             f"{type(exc).__name__}: {exc}")
+                return
+        self._exec(digest, python)
+
+    def _exec(self, digest: str, python: str) -> None:
         assert self._sock is not None
         path = self._bundle_path(digest)
         env = dict(os.environ)
@@ -211,7 +236,7 @@ class MachineRuntime:
         env[ENV_CREDENTIALS_FD] = str(read_fd)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "bigpool.node"], env)
+        os.execve(python, [python, "-m", "bigpool.node"], env)
 
 
 def _read_all_fd(fd: int) -> bytes:

@@ -107,7 +107,7 @@ class Supervisor:
         Replies first; the exec follows a moment later, so the caller sees the connection drop.
         """
         self._runtime.check_bundle(digest)
-        asyncio.get_running_loop().call_later(0.05, self._runtime.exec_bundle, digest)
+        self._runtime.exec_bundle(digest)
 
     def keepalive(self, next_seconds: float) -> dict[str, Any]:
         """Stay alive for ``next_seconds`` more; the machine exits if no keepalive follows."""

@@ -141,12 +141,14 @@ class Authority:
         dns: Iterable[str] = (),
         lifetime: datetime.timedelta = DEFAULT_LEAF_LIFETIME,
         not_before: datetime.datetime | None = None,
+        client_auth: bool = True,
     ) -> Credentials:
         """A new leaf key and certificate signed by this authority.
 
         ``ips`` and ``dns`` become subject alternative names: a client verifying this leaf as
         a server checks the host it dialled against them. The leaf is good for both server and
-        client authentication. ``lifetime`` bounds its validity (it must be positive).
+        client authentication, or only the former with ``client_auth=False`` (a leaf that must
+        never call anyone). ``lifetime`` bounds its validity (it must be positive).
         """
         if lifetime <= datetime.timedelta(0):
             raise ValueError(f"certificate lifetime must be positive, not {lifetime}")
@@ -164,7 +166,10 @@ class Authority:
             .not_valid_after(start + CLOCK_SKEW + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH]
+                    + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
+                ),
                 critical=False,
             )
             .add_extension(
