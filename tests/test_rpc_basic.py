@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bigpool.h2rpc import MethodNotFoundError, RemoteTraceback
+from bigpool.h2rpc import MethodNotFoundError, NetworkError, RemoteTraceback
 
 
 class Echo:
@@ -61,3 +61,30 @@ async def test_many_concurrent_calls_share_one_connection(make_rpc: Any) -> None
     results = await asyncio.gather(*(rpc.call("E.echo", i) for i in range(1000)))
     assert results == list(range(1000))
     assert rpc.server.connection_count == 1
+
+
+async def test_a_connection_finishing_after_close_is_closed_not_kept(
+    make_rpc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rpc = await make_rpc({"E": Echo()})
+    connected = asyncio.Event()
+    release = asyncio.Event()
+    real_connect = type(rpc.client)._connect
+    made: list[Any] = []
+
+    async def slow_connect(self: Any, addr: str) -> Any:
+        conn = await real_connect(self, addr)
+        made.append(conn)
+        connected.set()
+        await release.wait()  # close() runs now, while this connection is still ours alone
+        return conn
+
+    monkeypatch.setattr(type(rpc.client), "_connect", slow_connect)
+    call = asyncio.ensure_future(rpc.call("E.echo", 1))
+    await asyncio.wait_for(connected.wait(), 10)
+    await rpc.client.close()
+    release.set()
+    with pytest.raises(NetworkError, match="client is closed"):
+        await call
+    await asyncio.wait_for(made[0].closed_event.wait(), 10)
+    assert not rpc.client._connections

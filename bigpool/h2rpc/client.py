@@ -268,6 +268,10 @@ class Client:
             self._connecting[addr] = pending
             try:
                 conn = await self._connect(addr)
+                if self._closed:
+                    # close() ran while we were connecting: it could not close this one.
+                    conn.close()
+                    raise NetworkError("client is closed", addr=addr)
             except BaseException as exc:
                 pending.set_exception(exc)
                 pending.exception()
