@@ -268,7 +268,7 @@ class Client:
             self._connecting[addr] = pending
             try:
                 conn = await self._connect(addr)
-                if self._closed:
+                if self.is_closed():
                     # close() ran while we were connecting: it could not close this one.
                     conn.close()
                     raise NetworkError("client is closed", addr=addr)
@@ -310,6 +310,10 @@ class Client:
                 conn.close()
                 raise NetworkError("peer does not speak HTTP/2 (ALPN h2)", addr=addr)
         return conn
+
+    def is_closed(self) -> bool:
+        """Whether :meth:`close` or :meth:`abort` was called."""
+        return self._closed
 
     async def close(self) -> None:
         """Close every connection; calls still running fail with :class:`NetworkError`."""
