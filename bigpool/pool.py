@@ -881,6 +881,7 @@ class BigPool:
                     raise ValueError(f"the service name {SERVICE_NAME!r} is used by BigPool")
                 all_services[name] = obj
             self._scheduler = _Scheduler(self, retries)
+            self._services = all_services
             self._machines = self._b.start(count, services=all_services)
             self._b._run(self._attach(self._machines))
             try:
@@ -918,6 +919,22 @@ class BigPool:
     def b(self) -> B:
         assert self._b is not None
         return self._b
+
+    def add_machines(self, n: int = 1) -> list[Machine]:
+        """Start ``n`` more machines (to replace lost ones, or to grow the pool).
+
+        They take work as soon as they are running; returned while possibly still booting.
+        Raises ``ValueError`` if the pool is not running and :class:`BrokenExecutor` if it is
+        already broken (a broken pool stays broken).
+        """
+        self._check_running()
+        if self._broken is not None:
+            raise BrokenExecutor(f"the pool is broken: {self._broken}")
+        assert self._b is not None
+        machines = self._b.start(n, services=self._services)
+        self._machines.extend(machines)
+        self._b._run(self._attach(machines))
+        return machines
 
     # callbacks --------------------------------------------------------------------------------
 
