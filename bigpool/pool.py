@@ -152,12 +152,24 @@ def _function(func: Callable[..., Any]) -> _Function:
     try:
         data, by_value = pickle_value(func)
     except Exception as exc:
+        _note(exc, f"bigpool: the function {_name_of(func)} cannot be pickled to send to machines")
         raise _EncodeError(exc) from exc
     function = _Function(data)
     if not by_value:
         with contextlib.suppress(TypeError):
             _by_reference[func] = function
     return function
+
+
+def _note(exc: BaseException, text: str) -> None:
+    """Say in the traceback what bigpool was doing (Python 3.11+ shows notes)."""
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+
+
+def _name_of(func: Any) -> str:
+    return str(getattr(func, "__qualname__", None) or repr(func))[:200]
 
 
 class _EncodeError(Exception):
@@ -995,7 +1007,11 @@ class BigPool:
     def _chunk(self, job: _Job, index: int, func: _Function, tasks: list[Any],
                star: bool) -> _ChunkRef:
         """A chunk of ``tasks``: argument tuples if ``star``, else single arguments."""
-        args = encode_value(tasks)
+        try:
+            args = encode_value(tasks)
+        except Exception as exc:
+            _note(exc, "bigpool: a task's arguments cannot be pickled to send to machines")
+            raise
         return _ChunkRef(job, index, func, args, len(tasks), star, next(self._chunk_ids))
 
     # the multiprocessing.Pool interface ---------------------------------------------------------
