@@ -2,7 +2,7 @@
 
 :class:`Hosts` builds ``n`` namespaces, each joined to a bridge in the root namespace by a
 veth pair and given its own address in a private /24 (10.77.X.0/24, X from this process's
-id). The driver (the test process) stays in the root namespace at ``.1`` on the bridge;
+id, or the next one no interface uses). The driver (the test process) stays in the root namespace at ``.1`` on the bridge;
 machines run inside the namespaces (``bigpool.systems.netns``), so every call crosses a veth
 that :meth:`Hosts.cut` can take down. Names carry the creating process's id: leftovers of a
 run that crashed are found by that id and removed (processes, namespaces, bridge) before a
@@ -29,7 +29,7 @@ import pytest
 from bigpool.systems.netns import NETNS_DIR, NetnsHost
 
 PREFIX = "bpr"
-_NAME = re.compile(rf"^{PREFIX}(\d+)(h\d+|br)$")
+_NAME = re.compile(rf"^{PREFIX}(\d+)(h\d+|br|m\d+)$")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -108,7 +108,24 @@ def remove_leftovers() -> list[str]:
         if match and not _pid_alive(int(match.group(1))):
             _ip("link", "del", name, check=False)
             removed.append(name)
+    for parent in _memory_cgroup_parents():
+        with contextlib.suppress(OSError):
+            for name in os.listdir(parent):
+                match = _NAME.match(name)
+                if match and not _pid_alive(int(match.group(1))):
+                    _remove_cgroup(os.path.join(parent, name))
+                    removed.append(name)
     return removed
+
+
+def _free_subnet(first: int) -> int:
+    """A /24 of 10.77.0.0/16 no interface here uses yet (another run may hold one)."""
+    used = _ip("-o", "-4", "addr", "show", check=False).stdout
+    for i in range(230):
+        x = 20 + (first - 20 + i) % 230
+        if f" 10.77.{x}." not in used:
+            return x
+    raise RuntimeError("no free 10.77.X.0/24 subnet for test hosts")
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,7 @@ class Hosts:
 
     def __init__(self, n: int) -> None:
         self.tag = f"{PREFIX}{os.getpid()}"
-        self.subnet = 20 + os.getpid() % 230
+        self.subnet = _free_subnet(20 + os.getpid() % 230)
         self.bridge = f"{self.tag}br"
         self.driver_address = f"10.77.{self.subnet}.1"
         self.hosts = [
@@ -261,17 +278,37 @@ def memory_cgroup(name: str, limit: int) -> Iterator[str]:
     try:
         yield path
     finally:
-        deadline = time.monotonic() + 10
-        while True:
+        _remove_cgroup(path)
+
+
+def _memory_cgroup_parents() -> list[str]:
+    """Where :func:`memory_cgroup` makes its cgroups (v1 and v2), for finding leftovers."""
+    parents = []
+    v1 = _own_cgroup("memory")
+    if v1 is not None:
+        parents.append(f"/sys/fs/cgroup/memory{v1.rstrip('/')}")
+    v2 = _own_cgroup(None)
+    if v2 is not None:
+        parents.append(f"/sys/fs/cgroup{v2.rstrip('/')}")
+    return [p for p in parents if os.path.isdir(p)]
+
+
+def _remove_cgroup(path: str) -> None:
+    """Kill the cgroup's processes and remove it (a cgroup goes only once it is empty)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
             with open(f"{path}/cgroup.procs") as f:
                 pids = [int(p) for p in f.read().split()]
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        except FileNotFoundError:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -185,3 +185,33 @@ def test_no_private_key_in_output_logs_environment_or_command_line(
         for key in keys:
             body = b"".join(key.splitlines()[1:-1])
             assert body[:64] not in text.replace(b"\n", b"")
+
+
+# replacing machines ------------------------------------------------------------------------
+
+
+def test_add_machines_replaces_a_lost_machine() -> None:
+    from bigpool import BrokenExecutor, KeepaliveConfig
+    from bigpool.systems.test import TestSystem
+
+    system = TestSystem(keepalive=KeepaliveConfig(period=0.2, timeout=1.5, rpc_timeout=0.5))
+    with BigPool(2, system=system, services={"Probe": Probe()}) as pool:
+        first, other = pool.machines
+        first.wait(State.RUNNING, 30)
+        system.kill(first)
+        wait_until(lambda: first.state is State.STOPPED, 10, "the killed machine to stop")
+        (replacement,) = pool.add_machines(1)
+        assert pool.machines == [first, other, replacement]
+        replacement.wait(State.RUNNING, 30)
+        assert replacement.call("Probe.echo", "replaced") == "replaced"
+        system.kill(other)
+        wait_until(lambda: other.state is State.STOPPED, 10, "the other machine to stop")
+        # Only the replacement is left to do the work.
+        assert pool.map(square_slowly, range(50)) == [x * x for x in range(50)]
+        # With every machine gone the pool is broken, as the stdlib's would be, for good.
+        system.kill(replacement)
+        wait_until(lambda: pool._broken is not None, 10, "the pool to break")
+        with pytest.raises(BrokenExecutor, match="every machine of the pool is gone"):
+            pool.add_machines(1)
+    with pytest.raises(ValueError, match="Pool not running"):
+        pool.add_machines(1)
