@@ -28,7 +28,7 @@ from pool_support import wait_until
 from reliability_support import record, soak_long
 from reliability_tasks import Probe, allocate, square_slowly, square_where
 
-from bigpool import BigPool, KeepaliveConfig, NetworkError, State, TaskLostError
+from bigpool import BigPool, KeepaliveConfig, Machine, NetworkError, State, TaskLostError
 from bigpool.systems.netns import NetnsHost, NetnsSystem, listen_in_netns
 
 KEEPALIVE = KeepaliveConfig(period=0.5, timeout=3.0, rpc_timeout=1.0)
@@ -58,13 +58,13 @@ def _system(built: Hosts, **options: object) -> NetnsSystem:
 class StopWatch:
     """When a machine reaches STOPPED, seen from a thread that waits on it."""
 
-    def __init__(self, machine: object) -> None:
+    def __init__(self, machine: Machine) -> None:
         self.stopped_at: float | None = None
         self._thread = threading.Thread(target=self._watch, args=(machine,), daemon=True)
         self._thread.start()
 
-    def _watch(self, machine: object) -> None:
-        machine.wait(State.STOPPED)  # type: ignore[attr-defined]
+    def _watch(self, machine: Machine) -> None:
+        machine.wait(State.STOPPED)
         self.stopped_at = time.monotonic()
 
 

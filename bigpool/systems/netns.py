@@ -126,9 +126,12 @@ class NetnsSystem(LocalSystem):
         return self._host_by_address[machine.hostname]
 
     def _listen(self) -> tuple[socket.socket, str]:
-        if self._next_host is None:
-            raise RuntimeError("the netns system was given no hosts to start machines on")
-        host = self.place or next(self._next_host)
+        host = self.place
+        if host is None:
+            if self._next_host is None:
+                raise RuntimeError("the netns system was given no hosts to start machines on")
+            host = next(self._next_host)
+        self._host_by_address.setdefault(host.address, host)
         return listen_in_netns(host), host.address
 
     def _spawn(self, b: B) -> Machine:
