@@ -1,7 +1,7 @@
 """A hostile peer for test_reliability_hostile.py, run inside another host's namespace.
 
-``python netns_attacker.py HOST PORT SECONDS CERTDIR MARKER`` attacks the machine at
-HOST:PORT for SECONDS with many connections at once, each of one kind (all of them, or those
+``python netns_attacker.py HOST PORT SECONDS CERTDIR MARKER CONCURRENCY`` attacks the machine
+at HOST:PORT for SECONDS with CONCURRENCY connections at once, each of one kind (all of them, or those
 named, comma-separated, in ``$ATTACK_KINDS``):
 
 * unauthenticated: TLS with no certificate, with one from another CA, with an expired one
@@ -180,9 +180,9 @@ class Attack:
 
 
 def main() -> None:
-    host, port, seconds, certdir, marker = sys.argv[1:6]
+    host, port, seconds, certdir, marker, concurrency = sys.argv[1:7]
     attack = Attack(host, int(port), certdir, marker)
-    asyncio.run(attack.run(float(seconds), 40))
+    asyncio.run(attack.run(float(seconds), int(concurrency)))
     print(json.dumps({"tried": attack.tried, "closed": attack.closed, "held": attack.held}),
           flush=True)
 

@@ -37,3 +37,15 @@ class Probe:
 
     def pid(self, _: object = None) -> int:
         return os.getpid()
+
+    def census(self, _: object = None) -> dict[str, int]:
+        """What the machine's process holds: objects, server connections, open files."""
+        import gc
+
+        gc.collect()
+        objects = gc.get_objects()
+        return {
+            "objects": len(objects),
+            "server_connections": sum(type(o).__name__ == "ServerConnection" for o in objects),
+            "fds": len(os.listdir("/proc/self/fd")),
+        }

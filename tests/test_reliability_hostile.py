@@ -1,8 +1,8 @@
 """Hostile input across hosts: a stranger on another host attacks a machine while the driver
 keeps calling it.
 
-The attacker (``netns_attacker.py``) runs in its own network namespace and opens 40
-connections at a time for several seconds: unauthenticated (no certificate, another CA's,
+The attacker (``netns_attacker.py``) runs in its own network namespace and keeps 40
+connections at a time going for several seconds: unauthenticated (no certificate, another CA's,
 an expired one, HTTP/1.1, plain TCP, cleartext HTTP/2, idle connections) and authenticated
 but abusive (a header block, a body that never end; a body declared far larger than sent).
 Each request carries a pickle that would make a directory if the machine unpickled it. The
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from netns_support import hosts
+from pool_support import wait_until
 from reliability_support import record
 from reliability_tasks import Probe
 
@@ -31,9 +32,8 @@ from bigpool import KeepaliveConfig, State
 from bigpool.h2rpc import Authority
 from bigpool.systems.netns import NetnsSystem
 
-WARM_SECONDS = 3.0
-WARM_KINDS = "no_cert,other_ca,expired,http1,cleartext_h2,endless_headers,endless_body"
-ATTACK_SECONDS = 4.0
+ATTACK_SECONDS = 5.0
+IN_FLIGHT = 40  # the attacker's connections at once
 MiB = 1024 * 1024
 TESTS = Path(__file__).parent
 
@@ -91,7 +91,7 @@ def test_attack_from_another_host_is_refused_bounded_and_undisturbing(tmp_path: 
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "bigpool.systems.netns", attacker.netns,
                      sys.executable, str(TESTS / "netns_attacker.py"), target.address, port,
-                     str(seconds), str(tmp_path / "certs"), str(marker)],
+                     str(seconds), str(tmp_path / "certs"), str(marker), str(IN_FLIGHT)],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                 )
                 latencies: list[float] = []
@@ -108,11 +108,14 @@ def test_attack_from_another_host_is_refused_bounded_and_undisturbing(tmp_path: 
                 assert proc.returncode == 0, err
                 return json.loads(out.strip().splitlines()[-1]), latencies, peak
 
-            # A first round finds the server's high-water mark (TLS handshakes in flight cost
-            # memory); the second, longer and with every kind, must not raise it further.
-            warm_summary, _, rss_warm = attack(WARM_SECONDS, WARM_KINDS)
+            held_before = m.call("Probe.census")
             summary, during, rss_peak = attack(ATTACK_SECONDS)
             after = _latencies(m, 50)
+            # Connections the server dropped are gone for good: nothing grows with the number
+            # of attacks (thousands), only with what is in flight at once (40).
+            wait_until(lambda: m.call("Probe.census")["server_connections"]
+                       == held_before["server_connections"], 15, "the attackers' connections to go")
+            held_after = m.call("Probe.census")
             rss_after = m.mem_info()["process_rss"]
             assert m.state is State.RUNNING
         assert built.processes() == {h.netns: [] for h in built.hosts}
@@ -130,10 +133,13 @@ def test_attack_from_another_host_is_refused_bounded_and_undisturbing(tmp_path: 
         assert held.get(kind, 0) == 0, (kind, summary)
     # Other callers carry on: every call succeeded (above), and none waited long.
     assert len(during) >= 40
-    assert max(during) < 2.0, max(during)
-    assert sum(warm_summary["tried"].values()) >= 100, warm_summary
-    assert rss_peak - rss_warm < 32 * MiB, (rss_before, rss_warm, rss_peak)
-    assert rss_peak < 512 * MiB, rss_peak
+    assert statistics.median(during) < 3 * statistics.median(before) + 0.005
+    assert max(during) < 3.0, max(during)  # no stall (CPU starvation on a busy box aside)
+    # Memory is bounded by the connections in flight (TLS handshakes cost most: about 1 MiB
+    # each at their peak, measured), not by the number of attacks.
+    assert rss_peak - rss_before < IN_FLIGHT * 4 * MiB, (rss_before, rss_peak)
+    assert held_after["fds"] <= held_before["fds"] + 2, (held_before, held_after)
+    assert held_after["objects"] < held_before["objects"] + 5000, (held_before, held_after)
     record("7 hostile input from another host", attempts=sum(tried.values()), tried=tried,
            closed_by_server=closed, held_until_attacker_gave_up=held,
            call_p50_ms_before=round(statistics.median(before) * 1000, 2),
@@ -143,6 +149,6 @@ def test_attack_from_another_host_is_refused_bounded_and_undisturbing(tmp_path: 
            call_max_ms_during=round(max(during) * 1000, 1),
            calls_during=len(during), calls_failed=0,
            call_p50_ms_after=round(statistics.median(after) * 1000, 2),
-           rss_mib_before=round(rss_before / MiB, 1), rss_mib_after_warm_round=round(rss_warm / MiB, 1),
-           rss_mib_peak=round(rss_peak / MiB, 1),
+           rss_mib_before=round(rss_before / MiB, 1), rss_mib_peak=round(rss_peak / MiB, 1),
+           held_before=held_before, held_after=held_after,
            rss_mib_after=round(rss_after / MiB, 1), unpickled=0, processes_left=0)

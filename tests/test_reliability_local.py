@@ -35,19 +35,21 @@ def test_frozen_machine_is_lost_within_the_timeout_and_its_tasks_rescheduled() -
         results: list[int] = []
         frozen_at = 0.0
         try:
-            for value, _ in pool.imap_unordered(square_where, range(300)):
+            # Few tasks after the freeze: the other machine is soon done with the rest, and
+            # what remains is the frozen machine's work, waiting for its loss to be declared.
+            for value, _ in pool.imap_unordered(square_where, range(60)):
                 results.append(value)
                 if len(results) == 30:
                     system.kill(victim, signal.SIGSTOP)
                     frozen_at = time.monotonic()
             done_after = time.monotonic() - frozen_at
-            assert sorted(results) == [x * x for x in range(300)]
+            assert sorted(results) == [x * x for x in range(60)]
             assert victim.state is State.STOPPED
             assert isinstance(victim.err(), NetworkError), victim.err()
             assert "keepalives failed" in str(victim.err())
             # Lost after the timeout (less the time since the last keepalive got through);
             # what it held ran on the other machine at once (not after a 30 s TLS close).
-            assert done_after < KEEPALIVE.timeout + 4, done_after
+            assert done_after < KEEPALIVE.timeout + 3, done_after
         finally:
             system.kill(victim, signal.SIGCONT)
         # Thawed, the machine finds its keepalive deadline long past and exits by itself.
