@@ -6,10 +6,12 @@ within the keepalive timeout and its work rescheduled at once, not after a TLS c
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import psutil
 from pool_support import wait_until
+from reliability_support import record
 from reliability_tasks import square_where
 
 from bigpool import BigPool, KeepaliveConfig, NetworkError, State
@@ -34,6 +36,12 @@ def test_frozen_machine_is_lost_within_the_timeout_and_its_tasks_rescheduled() -
         assert victim.pid is not None
         results: list[int] = []
         frozen_at = 0.0
+        stopped_at: list[float] = []
+        watcher = threading.Thread(
+            target=lambda: (victim.wait(State.STOPPED), stopped_at.append(time.monotonic())),
+            daemon=True,
+        )
+        watcher.start()
         try:
             # Few tasks after the freeze: the other machine is soon done with the rest, and
             # what remains is the frozen machine's work, waiting for its loss to be declared.
@@ -50,8 +58,17 @@ def test_frozen_machine_is_lost_within_the_timeout_and_its_tasks_rescheduled() -
             # Lost after the timeout (less the time since the last keepalive got through);
             # what it held ran on the other machine at once (not after a 30 s TLS close).
             assert done_after < KEEPALIVE.timeout + 3, done_after
+            watcher.join(10)
+            detection = stopped_at[0] - frozen_at
+            # Declared lost the timeout after the last keepalive that got through was sent,
+            # which was at most a period before the freeze (plus scheduling on a busy box).
+            assert KEEPALIVE.timeout - KEEPALIVE.period - 0.1 <= detection, detection
+            assert detection <= KEEPALIVE.timeout + KEEPALIVE.rpc_timeout, detection
         finally:
             system.kill(victim, signal.SIGCONT)
         # Thawed, the machine finds its keepalive deadline long past and exits by itself.
         wait_until(lambda: _gone(victim.pid), 10, "the thawed machine to exit")
         assert other.state is State.RUNNING
+    record("frozen local machine (SIGSTOP)", detection_s=round(detection, 2),
+           keepalive_timeout_s=KEEPALIVE.timeout, map_done_after_freeze_s=round(done_after, 2),
+           lost=0)
