@@ -72,3 +72,14 @@ def test_frozen_machine_is_lost_within_the_timeout_and_its_tasks_rescheduled() -
     record("frozen local machine (SIGSTOP)", detection_s=round(detection, 2),
            keepalive_timeout_s=KEEPALIVE.timeout, map_done_after_freeze_s=round(done_after, 2),
            lost=0)
+
+
+def test_keepalive_expired_error_is_a_network_error_that_keeps_its_details() -> None:
+    from bigpool.node import EXIT_NO_KEEPALIVE
+    from bigpool.systems.local import KeepaliveExpiredError, MachineExitedError
+
+    err = KeepaliveExpiredError("https://10.0.0.2:1/", EXIT_NO_KEEPALIVE, ["no keepalive\n"])
+    assert isinstance(err, NetworkError) and isinstance(err, MachineExitedError)
+    assert err.temporary
+    assert err.addr == "https://10.0.0.2:1/" and err.returncode == EXIT_NO_KEEPALIVE
+    assert "exited with code 3" in str(err) and "no keepalive" in str(err)

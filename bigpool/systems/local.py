@@ -66,6 +66,7 @@ class MachineExitedError(BigpoolError):
         tail = "".join(stderr_tail[-10:]).rstrip()
         detail = f"; last stderr lines:\n{tail}" if tail else ""
         super().__init__(f"machine {addr} {how}{detail}")
+        self.addr = addr  # again: NetworkError's __init__ (in a subclass's MRO) resets it
 
 
 class KeepaliveExpiredError(MachineExitedError, NetworkError):  # type: ignore[misc]
