@@ -360,3 +360,71 @@ def test_soak_machines_killed_and_replaced(three_hosts: Hosts) -> None:
     record("6 soak" + (" (long)" if long else " (short)"), tasks=tasks, machines_killed=len(kills),
            kill_every_s=kill_every, elapsed_s=round(elapsed, 1), wrong=0, lost=0,
            processes_left=0)
+
+
+def test_short_partition_loses_no_machine(three_hosts: Hosts) -> None:
+    """A link down for less than the keepalive timeout costs time, not machines or results."""
+    system = _system(three_hosts)
+    with BigPool(3, system=system) as pool:
+        for m in pool.machines:
+            m.wait(State.RUNNING, 60)
+        victim = pool.machines[0]
+        victim_host = next(h for h in three_hosts.hosts if h.address == victim.hostname)
+        victim_ns = f"net:[{os.stat(f'/var/run/netns/{victim_host.netns}').st_ino}]"
+        healed_at: list[float] = []
+
+        def heal() -> None:
+            three_hosts.heal(victim_host)
+            healed_at.append(time.monotonic())
+
+        results = []
+        from_victim_after_heal = 0
+        for value, where in pool.imap_unordered(square_where, range(300)):
+            results.append(value)
+            if healed_at and where == victim_ns:
+                from_victim_after_heal += 1
+            if len(results) == 30:
+                three_hosts.cut(victim_host)
+                healer = threading.Timer(KEEPALIVE.timeout / 3, heal)
+                healer.start()
+        healer.join()
+        assert sorted(results) == [x * x for x in range(300)]
+        assert all(m.state is State.RUNNING for m in pool.machines), pool.machines
+        # The cut-off machine's work was held, not lost: it came back over the healed link.
+        assert from_victim_after_heal >= 1
+    _assert_nothing_left(three_hosts)
+    record("2b short partition", cut_s=KEEPALIVE.timeout / 3, keepalive_timeout_s=KEEPALIVE.timeout,
+           machines_lost=0, results_from_cut_host_after_heal=from_victim_after_heal, lost=0,
+           processes_left=0)
+
+
+CRASHING_RUN = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from netns_support import Hosts
+    hosts = Hosts(2).__enter__()
+    print(" ".join(h.netns for h in hosts.hosts), hosts.bridge, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_leftovers_of_a_crashed_run_are_removed() -> None:
+    from netns_support import remove_leftovers, skip_unless_netns
+
+    skip_unless_netns()
+    run = subprocess.Popen([sys.executable, "-c", CRASHING_RUN, str(Path(__file__).parent)],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        *namespaces, bridge = run.stdout.readline().split()
+        assert all(os.path.exists(f"/var/run/netns/{ns}") for ns in namespaces)
+    finally:
+        run.kill()
+        run.wait()
+        if run.stdout is not None:
+            run.stdout.close()
+    removed = remove_leftovers()
+    assert set(namespaces) | {bridge} <= set(removed)
+    assert not any(os.path.exists(f"/var/run/netns/{ns}") for ns in namespaces)
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert bridge not in links
