@@ -99,7 +99,12 @@ def test_sigkill_one_machine_mid_map_every_result_once(three_hosts: Hosts) -> No
            after_kill_s=round(finished - killed_at, 2), lost=0, duplicated=0, processes_left=0)
 
 
-def test_host_cut_off_fails_calls_within_timeout_and_reschedules(three_hosts: Hosts) -> None:
+@pytest.mark.parametrize("frozen", [False, True], ids=["link-down", "link-down-host-frozen"])
+def test_host_cut_off_fails_calls_within_timeout_and_reschedules(
+    three_hosts: Hosts, frozen: bool
+) -> None:
+    """The link goes down; with ``frozen`` the machine is also stopped (SIGSTOP), as a host that
+    lost power: its process cannot exit, so only the driver's keepalives can find it gone."""
     system = _system(three_hosts)
     with BigPool(3, system=system, services={"Probe": Probe()}) as pool:
         for m in pool.machines:
@@ -125,6 +130,8 @@ def test_host_cut_off_fails_calls_within_timeout_and_reschedules(three_hosts: Ho
             hosts_seen[where] += 1
             if len(results) == 60:
                 three_hosts.cut(victim_host)
+                if frozen:
+                    system.kill(victim, signal.SIGSTOP)
                 cut_at = time.monotonic()
                 caller.start()
         map_done_after = time.monotonic() - cut_at
@@ -136,14 +143,25 @@ def test_host_cut_off_fails_calls_within_timeout_and_reschedules(three_hosts: Ho
         # Keepalives fail for the timeout; the last good one was at most a period before.
         assert failed_after <= KEEPALIVE.timeout + KEEPALIVE.rpc_timeout + KEEPALIVE.period + 1
         assert victim.state is State.STOPPED
+        # Either side may notice first: the driver's keepalives failing for the timeout
+        # (NetworkError), or the machine's watchdog exiting for want of them, seen through its
+        # process (KeepaliveExpiredError, also a NetworkError).
+        assert isinstance(victim.err(), NetworkError), victim.err()
+        error_name = type(victim.err()).__name__
+        if frozen:
+            assert "keepalives failed" in str(victim.err())
+            assert failed_after >= KEEPALIVE.timeout - KEEPALIVE.period - 0.1
         assert sorted(results) == [x * x for x in range(600)]
         assert len(hosts_seen) == 3  # the cut host did work before the cut
+        if frozen:
+            system.kill(victim, signal.SIGCONT)
         # The cut-off machine hears no keepalive and ends itself: the driver cannot reach it.
         wait_gone([victim_pid], KEEPALIVE.timeout + 5)
         gone_after = time.monotonic() - cut_at
         assert pool.map(square_slowly, range(100)) == [x * x for x in range(100)]
     _assert_nothing_left(three_hosts)
-    record("2 host cut off", detection_s=round(failed_after, 2),
+    record("2 host cut off" + (", host frozen" if frozen else ""),
+           detection_s=round(failed_after, 2), machine_error=error_name,
            keepalive_timeout_s=KEEPALIVE.timeout, machine_exited_after_cut_s=round(gone_after, 2),
            map_done_after_cut_s=round(map_done_after, 2),
            lost=0, processes_left=0)
@@ -152,7 +170,7 @@ def test_host_cut_off_fails_calls_within_timeout_and_reschedules(three_hosts: Ho
 DRIVER_SCRIPT = textwrap.dedent("""
     import json, sys, time
     from bigpool import BigPool, KeepaliveConfig, State
-    from bigpool.systems.netns import NetnsHost, NetnsSystem, listen_in_netns
+    from bigpool.systems.netns import NetnsHost, NetnsSystem
     hosts = [NetnsHost(*h) for h in json.loads(sys.argv[1])]
     system = NetnsSystem(hosts, keepalive=KeepaliveConfig(period=0.5, timeout=3.0, rpc_timeout=1.0))
     pool = BigPool(len(hosts), system=system)
