@@ -3,13 +3,13 @@
 The machine's :class:`~bigpool.worker.PoolWorkerService` starts these and talks to each over
 two private pipes whose descriptors arrive in ``$BIGPOOL_WORKER_FDS`` (``"<read>,<write>"``):
 
-* machine -> worker, frames ``>I length + pickle``: first ``("init", initializer)`` where
+* machine -> worker: first ``>I length + pickle(("init", initializer))`` where
   ``initializer`` is ``None`` or the dill pickle of ``(callable, initargs)``; then any number
-  of ``("run", chunk_id, func_id, func_or_None, args, star)``. EOF means exit.
+  of chunk records exactly as the driver sent them (:mod:`bigpool.pool_wire`). EOF means exit.
 * worker -> machine, frames ``>IBI`` (body length, kind, tasks run) + body: first one
   :data:`MSG_READY` whose body is ``pickle((pid, encoded_initializer_error_or_None))``; then
   one :data:`MSG_RESULT` per chunk, in the order the chunks came, whose body is already the
-  result record the driver reads: ``pickle((chunk_id, status, payload, info), protocol=5)``.
+  result record (length prefix included) the driver reads (:mod:`bigpool.pool_wire`).
 
 The worker's ``stdin`` is ``/dev/null`` and its ``stdout`` is the machine's (line buffered, so a
 task's ``print`` reaches the machine's output line by line); its ``stderr`` is read by the
@@ -17,7 +17,8 @@ machine, which forwards it and keeps the last lines to explain a death. The work
 its command pipe ends, and also when its parent changes (the machine died), so no worker
 outlives its machine. It ignores SIGINT: the machine alone decides when it stops.
 
-This module imports only the standard library and dill at start (the error encoder is loaded
+This module imports only the standard library, dill, :mod:`bigpool.pool_wire` and
+:mod:`bigpool._malloc` at start (the error encoder is loaded
 on the first error), so a worker starts as fast as the ``bigpool`` package allows.
 """
 
@@ -34,6 +35,9 @@ import time
 from typing import IO, Any
 
 import dill
+
+from bigpool._malloc import tune_malloc
+from bigpool.pool_wire import WORKER_FUNCTIONS, LRUTable, Result, decode_chunk, encode_result
 
 # Result status codes (see bigpool.worker, which re-exports them).
 OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED = 0, 1, 2, 3
@@ -67,12 +71,13 @@ def _short_repr(value: object) -> str:
     return text
 
 
-def dumps_result(value: object) -> bytes:
-    """Pickle a chunk's result: plain pickle when it can, else dill. Raises if neither can."""
+def dumps_result(value: object) -> tuple[bytes, bool]:
+    """Pickle a chunk's result: (pickle, whether dill made it). Plain pickle when it can (the
+    driver then loads it with the C unpickler), else dill. Raises if neither can."""
     try:
-        return pickle.dumps(value, protocol=5)
+        return pickle.dumps(value, protocol=5), False
     except Exception:
-        return bytes(dill.dumps(value, protocol=5))
+        return bytes(dill.dumps(value, protocol=5)), True
 
 
 class LoadFailure:
@@ -85,11 +90,11 @@ class LoadFailure:
 def run_chunk(
     chunk_id: int,
     func: Any,
-    args: bytes,
+    args: bytes | bytearray | memoryview,
     star: bool,
-) -> tuple[bytes, int]:
-    """Run one chunk; its result record body (``pickle((chunk_id, status, payload, info))``)
-    and how many tasks it had.
+    args_dill: bool = True,
+) -> tuple[list[bytes | bytearray | memoryview], int]:
+    """Run one chunk; its result record (buffers to write in order) and how many tasks it had.
 
     ``func`` is the callable, or a :class:`LoadFailure` (the chunk then fails with its error).
     Semantics are ``multiprocessing.pool``'s ``mapstar``/``starmapstar``: the result is the list
@@ -97,41 +102,57 @@ def run_chunk(
     """
     started = time.perf_counter()
     ntasks = 0
-    status: int
-    payload: Any
+    payload: bytes
+    payload_dill = False
     if isinstance(func, LoadFailure):
-        info = {"pid": os.getpid(), "seconds": time.perf_counter() - started}
-        return pickle.dumps((chunk_id, TASK_ERROR, func.encoded, info), protocol=5), 0
-    try:
-        tasks = dill.loads(args)
-        ntasks = len(tasks)
-        result = [func(*t) for t in tasks] if star else [func(t) for t in tasks]
-    except Exception as exc:
-        status, payload = TASK_ERROR, _encode_error(exc)
+        status, payload = TASK_ERROR, func.encoded
     else:
         try:
-            status, payload = OK, dumps_result(result)
+            tasks = dill.loads(args) if args_dill else pickle.loads(args)
+            ntasks = len(tasks)
+            result = [func(*t) for t in tasks] if star else [func(t) for t in tasks]
+            del tasks
         except Exception as exc:
-            status, payload = ENCODE_ERROR, (_short_repr(exc), _short_repr(result))
-        del result
-    info = {"pid": os.getpid(), "seconds": time.perf_counter() - started}
-    return pickle.dumps((chunk_id, status, payload, info), protocol=5), ntasks
+            status, payload = TASK_ERROR, _encode_error(exc)
+        else:
+            try:
+                payload, payload_dill = dumps_result(result)
+                status = OK
+            except Exception as exc:
+                status = ENCODE_ERROR
+                payload = pickle.dumps((_short_repr(exc), _short_repr(result)), protocol=5)
+            del result
+    record = Result(chunk_id, status, payload, os.getpid(), time.perf_counter() - started,
+                    payload_dill)
+    return encode_result(record), ntasks
 
 
-def _read_frame(reader: IO[bytes]) -> Any:
-    """The next machine -> worker message, or ``None`` at EOF."""
+def _read_exactly(reader: IO[bytes], size: int) -> bytearray | None:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < size:
+        n = reader.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not n:
+            return None
+        filled += n
+    return buffer
+
+
+def _read_record(reader: IO[bytes]) -> bytearray | None:
+    """The next machine -> worker record's body (length prefix removed), or ``None`` at EOF."""
     header = reader.read(LENGTH.size)
     if len(header) < LENGTH.size:
         return None
     (size,) = LENGTH.unpack(header)
-    body = reader.read(size)
-    if len(body) < size:
-        return None
-    return pickle.loads(body)
+    return _read_exactly(reader, size)
 
 
-def _send(writer: IO[bytes], kind: int, ntasks: int, body: bytes) -> None:
-    writer.write(HEADER.pack(len(body), kind, ntasks) + body)
+def _send(writer: IO[bytes], kind: int, ntasks: int,
+          parts: list[bytes | bytearray | memoryview]) -> None:
+    writer.write(HEADER.pack(sum(len(part) for part in parts), kind, ntasks))
+    for part in parts:
+        writer.write(part)
     writer.flush()
 
 
@@ -145,19 +166,25 @@ def _watch_parent(ppid: int) -> None:
     threading.Thread(target=watch, name="bigpool-worker-parent-watch", daemon=True).start()
 
 
-def _load_function(func_id: bytes, func: bytes | None, cache: dict[bytes, Any]) -> Any:
-    """The function for ``func_id`` (cached), or a :class:`LoadFailure` (cached too)."""
-    found = cache.get(func_id)
-    if found is not None:
-        return found
+def _load_function(func_id: bytes, func: bytes | None, cache: LRUTable[bytes, Any]) -> Any:
+    """The function for ``func_id`` (cached), or a :class:`LoadFailure` (cached too).
+
+    The machine sends a function's pickle exactly when this worker's table (kept in step with
+    the machine's record of it) does not hold it.
+    """
     if func is None:
+        found = cache.touch(func_id)
+        if found is not None:
+            return found
         return LoadFailure(_encode_error(
             LookupError(f"function {func_id!r} was never sent to this worker")))
     try:
         loaded = dill.loads(func)
+        if loaded is None:
+            raise TypeError("the function unpickled to None")
     except Exception as exc:
         loaded = LoadFailure(_encode_error(exc))
-    cache[func_id] = loaded
+    cache.put(func_id, loaded)
     return loaded
 
 
@@ -171,6 +198,7 @@ def _exit(code: int) -> None:
 def main() -> None:
     """Serve the machine until the command pipe ends (never returns: exits the process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_malloc()
     ppid = os.getppid()
     _watch_parent(ppid)
     read_fd, write_fd = (int(fd) for fd in os.environ.pop(ENV_FDS).split(","))
@@ -181,10 +209,11 @@ def main() -> None:
     reader = os.fdopen(read_fd, "rb")
     writer = os.fdopen(write_fd, "wb")
 
-    first = _read_frame(reader)
+    first = _read_record(reader)
     if first is None:
         _exit(0)
-    _, initializer = first
+        return
+    _, initializer = pickle.loads(first)
     init_error: bytes | None = None
     if initializer is not None:
         try:
@@ -192,18 +221,19 @@ def main() -> None:
             function(*initargs)
         except Exception as exc:
             init_error = _encode_error(exc)
-    _send(writer, MSG_READY, 0, pickle.dumps((os.getpid(), init_error), protocol=5))
+    _send(writer, MSG_READY, 0, [pickle.dumps((os.getpid(), init_error), protocol=5)])
 
-    cache: dict[bytes, Any] = {}
+    cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
     while True:
-        message = _read_frame(reader)
-        if message is None:
+        body = _read_record(reader)
+        if body is None:
             break
-        _, chunk_id, func_id, func_bytes, args, star = message
-        func = _load_function(func_id, func_bytes, cache)
-        body, ntasks = run_chunk(chunk_id, func, args, star)
-        del message, args
-        _send(writer, MSG_RESULT, ntasks, body)
+        chunk = decode_chunk(memoryview(body))
+        func = _load_function(chunk.func_id, chunk.func, cache)
+        record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star, chunk.args_dill)
+        del body, chunk
+        _send(writer, MSG_RESULT, ntasks, record)
+        del record
     _exit(0)
 
 

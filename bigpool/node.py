@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._malloc import tune_malloc
 from .h2rpc import Credentials, Server, StreamReader
 from .supervisor import Supervisor
 
@@ -267,6 +268,7 @@ def main() -> None:
     if argv is not None:
         sys.argv[:] = json.loads(argv)
     system_name = os.environ.get(ENV_SYSTEM, "local")
+    tune_malloc()
     try:
         asyncio.run(_main_async(system_name))
     except KeyboardInterrupt:

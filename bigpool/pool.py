@@ -7,15 +7,16 @@ How a task travels::
     map/apply/submit
       │ pickle args into chunks
       ▼
-    _Job ──chunks──> _Scheduler.pending ──> _Feed (one per machine) ──submit(batch)──> BigPoolWorker
+    _Job ──chunks──> _Scheduler.pending ──> _Feed (one per machine) ──submit_stream──> BigPoolWorker
                                              │  keeps slots x depth chunks              │ worker
-                                             │  in flight, several per RPC              │ processes
+                                             │  in flight on one streamed call          │ processes
                                              ▼                                           ▼
     get()/next() <── _Job._deliver <── results stream (records as chunks finish) <──────┘
     callbacks run on the pool's callback thread
 
-* **Pipelining.** Each feed keeps ``maxprocs x depth`` chunks in flight on its machine, sent
-  together in one ``submit`` call while the previous call is under way. ``depth`` adapts to
+* **Pipelining.** Each feed keeps ``maxprocs x depth`` chunks in flight on its machine, written
+  as records (:mod:`bigpool.pool_wire`) on one streamed call that lasts the pool's life, so a
+  chunk costs no request of its own. ``depth`` adapts to
   how long chunks take: many tiny chunks are queued on a machine so no round trip is paid per
   task; long chunks are not queued at all, so no slot idles while another holds a queue.
 * **Machine loss.** When a machine stops (keepalive failure, process killed) or a worker
@@ -43,19 +44,31 @@ import multiprocessing.pool
 import os
 import pickle
 import queue
-import struct
 import threading
+import types
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import dill
 
+from ._function_cache import pickle_function
+from ._malloc import tune_malloc
 from .h2rpc import BigpoolError, StreamReader
 from .h2rpc.errors import decode_error
-from .h2rpc.wire import encode_value, pickle_value
+from .h2rpc.wire import pickle_value
 from .machine import B, Machine, State
 from .machine import start as start_driver
+from .pool_wire import (
+    DRIVER_FUNCTIONS,
+    INLINE_LIMIT,
+    Buffer,
+    Chunk,
+    LRUTable,
+    Result,
+    ResultDecoder,
+    encode_chunk,
+)
 from .systems import System
 from .worker import (
     ENCODE_ERROR,
@@ -63,8 +76,8 @@ from .worker import (
     SERVICE_NAME,
     TASK_ERROR,
     WORKER_DIED,
-    Chunk,
     PoolWorkerService,
+    result_details,
 )
 
 __all__ = ["BigPool", "BigPoolExecutor", "BrokenExecutor", "PoolTerminatedError", "TaskLostError"]
@@ -84,7 +97,6 @@ WORKER_STOP_TIMEOUT = 10.0
 # How long a lost machine's chunks wait for its system to say how it died (retries wait too).
 LOSS_DIAGNOSIS_WAIT = 2.0
 
-_RECORD_HEADER = struct.Struct(">I")
 _log = logging.getLogger("bigpool.pool")
 # Not in typeshed; the stdlib's own class, so existing except clauses catch it.
 MaybeEncodingError: type[Exception] = getattr(multiprocessing.pool, "MaybeEncodingError")  # noqa: B009
@@ -137,27 +149,23 @@ class _Function:
         self.id = hashlib.blake2b(data, digest_size=16).digest()
 
 
-# Functions pickled by reference pickle the same every time: remember them. (Functions copied
-# by value are pickled afresh, since the globals and closure cells they carry may change.)
-_by_reference: weakref.WeakKeyDictionary[Any, _Function] = weakref.WeakKeyDictionary()
+_functions: weakref.WeakKeyDictionary[Any, _Function] = weakref.WeakKeyDictionary()
 
 
 def _function(func: Callable[..., Any]) -> _Function:
+    """``func`` pickled for the machines (see :mod:`bigpool._function_cache` for when a
+    function's pickle is reused)."""
     try:
-        cached = _by_reference.get(func)
-    except TypeError:
-        cached = None
-    if cached is not None:
-        return cached
-    try:
-        data, by_value = pickle_value(func)
+        data = pickle_function(func)
     except Exception as exc:
         _note(exc, f"bigpool: the function {_name_of(func)} cannot be pickled to send to machines")
         raise _EncodeError(exc) from exc
+    cached = _functions.get(func) if isinstance(func, types.FunctionType) else None
+    if cached is not None and cached.data is data:
+        return cached
     function = _Function(data)
-    if not by_value:
-        with contextlib.suppress(TypeError):
-            _by_reference[func] = function
+    if isinstance(func, types.FunctionType):
+        _functions[func] = function
     return function
 
 
@@ -186,15 +194,16 @@ class _EncodeError(Exception):
 class _ChunkRef:
     """One chunk of a job as the scheduler sees it."""
 
-    __slots__ = ("args", "attempts", "blocking", "chunk_id", "func", "index", "job", "ntasks",
-                 "star")
+    __slots__ = ("args", "args_dill", "attempts", "blocking", "chunk_id", "func", "index", "job",
+                 "ntasks", "star")
 
-    def __init__(self, job: _Job, index: int, func: _Function, args: bytes, ntasks: int,
-                 star: bool, chunk_id: int) -> None:
+    def __init__(self, job: _Job, index: int, func: _Function, args: bytes, args_dill: bool,
+                 ntasks: int, star: bool, chunk_id: int) -> None:
         self.job = job
         self.index = index
         self.func = func
         self.args = args
+        self.args_dill = args_dill
         self.ntasks = ntasks
         self.star = star
         self.attempts = 0
@@ -475,23 +484,6 @@ class _FutureJob(_Job):
             self.deliver(0, False, exc)
 
 
-def _parse_records(data: bytes | bytearray) -> tuple[list[Any], int]:
-    """The whole result records at the start of ``data``, and how many bytes they took."""
-    records = []
-    offset = 0
-    header = _RECORD_HEADER.size
-    with memoryview(data) as view:
-        while len(data) - offset >= header:
-            (size,) = _RECORD_HEADER.unpack_from(data, offset)
-            end = offset + header + size
-            if end > len(data):
-                break
-            with view[offset + header : end] as body:
-                records.append(pickle.loads(body))
-            offset = end
-    return records, offset
-
-
 # scheduling (runs on B's event loop) -------------------------------------------------------------
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
@@ -505,7 +497,8 @@ class _Feed:
         self.machine = machine
         self.slots = max(1, machine.maxprocs)
         self.in_flight: dict[int, _ChunkRef] = {}
-        self.sent_functions: set[bytes] = set()
+        # What the machine has: kept in step with its own table (see pool_wire.Chunk).
+        self.sent_functions: LRUTable[bytes, bool] = LRUTable(DRIVER_FUNCTIONS)
         self.alive = True
         self.ready = False
         self.wakeup = asyncio.Event()
@@ -546,98 +539,108 @@ class _Feed:
         self.scheduler.feed_lost(self, BigpoolError(f"machine {machine.addr} ended its results"))
 
     async def _send_loop(self) -> None:
+        """Feed the machine on one streamed call for the pool's life (no round trip per batch)."""
         try:
-            await self._send_batches()
+            await self.machine._call(f"{SERVICE_NAME}.submit_stream", self._chunk_records(), None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            _log.exception("sending to %s failed", self.machine.addr)
+            # The machine is unusable: whatever it holds goes back to the queue.
             self.scheduler.feed_lost(self, exc)
+            return
+        self.scheduler.feed_lost(
+            self, BigpoolError(f"machine {self.machine.addr} ended the chunk stream"))
 
-    async def _send_batches(self) -> None:
-        scheduler = self.scheduler
+    async def _chunk_records(self) -> AsyncIterator[Buffer]:
         while True:
-            batch: list[Chunk] = []
-            while len(batch) < MAX_BATCH:
-                head = scheduler.peek()
-                if head is None:
-                    break
-                depth = scheduler.depth(head.func.id)
-                # Nothing waits behind a chunk that may be long, and a chunk that may be long
-                # waits behind nothing: only quick chunks share a slot.
-                limit = self.slots if depth == 1 or self.blocking else self.slots * depth
-                if len(self.in_flight) >= limit:
-                    break
-                ref = scheduler.take()
-                assert ref is not None
-                if not ref.job.start():
-                    continue
-                ref.blocking = depth == 1
-                self.blocking += ref.blocking
-                self.in_flight[ref.chunk_id] = ref
-                fid = ref.func.id
-                func = None
-                if fid not in self.sent_functions:
-                    self.sent_functions.add(fid)
-                    func = ref.func.data
-                batch.append(Chunk(ref.chunk_id, fid, func, ref.args, ref.star))
-            if not batch:
+            parts = self._take_batch()
+            if not parts:
                 if len(self.in_flight) < self.slots:
-                    scheduler.rebalance(self)
+                    self.scheduler.rebalance(self)
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            try:
-                await self.machine._call(f"{SERVICE_NAME}.submit", batch, None)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                # The machine is unusable: whatever it holds goes back to the queue.
-                self.scheduler.feed_lost(self, exc)
-                return
+            for part in parts:
+                yield part
+
+    def _take_batch(self) -> list[Buffer]:
+        """The records of the chunks to send now (small ones joined), moved to in-flight."""
+        scheduler = self.scheduler
+        out: list[Buffer] = []
+        small: list[Buffer] = []
+        count = 0
+        while count < MAX_BATCH:
+            head = scheduler.peek()
+            if head is None:
+                break
+            depth = scheduler.depth(head.func.id)
+            # Nothing waits behind a chunk that may be long, and a chunk that may be long
+            # waits behind nothing: only quick chunks share a slot.
+            limit = self.slots if depth == 1 or self.blocking else self.slots * depth
+            if len(self.in_flight) >= limit:
+                break
+            ref = scheduler.take()
+            assert ref is not None
+            if not ref.job.start():
+                continue
+            ref.blocking = depth == 1
+            self.blocking += ref.blocking
+            self.in_flight[ref.chunk_id] = ref
+            fid = ref.func.id
+            func = None
+            if self.sent_functions.touch(fid) is None:
+                self.sent_functions.put(fid, True)
+                func = ref.func.data
+            for part in encode_chunk(Chunk(ref.chunk_id, fid, func, ref.args, ref.star,
+                                           ref.args_dill)):
+                if len(part) < INLINE_LIMIT:
+                    small.append(part)
+                    continue
+                if small:
+                    out.append(b"".join(small))
+                    small = []
+                out.append(part)
+            count += 1
+        if small:
+            out.append(b"".join(small))
+        return out
 
     async def _read_loop(self, reader: StreamReader) -> None:
-        pending = bytearray()  # the start of a record whose end has not arrived
+        decoder = ResultDecoder()
         while True:
             data = await reader.read_chunk()
             if not data:
+                if decoder.partial:
+                    raise BigpoolError(f"machine {self.machine.addr} ended its results "
+                                       "inside a record")
                 return
-            if pending:
-                pending += data
-                source: bytes | bytearray = pending
-            else:
-                source = data  # the common case: parse in place, no copy
-            records, used = _parse_records(source)
-            if source is pending:
-                del pending[:used]  # nothing when the record is still arriving
-            else:
-                pending = bytearray(memoryview(data)[used:]) if used < len(data) else bytearray()
-            for record in records:
-                self._record(record)
+            for result in decoder.feed(data):
+                self._record(result)
 
-    def _record(self, record: tuple[int, int, Any, dict[str, Any]]) -> None:
-        chunk_id, status, payload, info = record
-        ref = self.take_back(chunk_id)
+    def _record(self, result: Result) -> None:
+        ref = self.take_back(result.chunk_id)
         if ref is None or not self.alive:
             return
-        seconds = info.get("seconds") if isinstance(info, dict) else None
-        if isinstance(seconds, int | float):
-            self.scheduler.measured(ref.func.id, float(seconds))
+        self.scheduler.measured(ref.func.id, result.seconds)
         self.wakeup.set()
+        status = result.status
         if status == OK:
             try:
-                value = dill.loads(payload)
+                value = (dill.loads(result.payload) if result.payload_dill
+                         else pickle.loads(result.payload))
             except Exception as exc:
                 self.scheduler.complete(ref, False, exc)
                 return
             self.scheduler.complete(ref, True, value)
         elif status == TASK_ERROR:
-            self.scheduler.complete(ref, False, decode_error(payload))
+            self.scheduler.complete(ref, False, decode_error(bytes(result.payload)))
         elif status == ENCODE_ERROR:
-            exc_text, value_text = payload
+            exc_text, value_text = result_details(result)
             self.scheduler.complete(ref, False, ref.job.encoding_error(exc_text, value_text))
         elif status == WORKER_DIED:
-            details = payload if isinstance(payload, dict) else {}
+            details = result_details(result)
+            if not isinstance(details, dict):
+                details = {}
             message = str(details.get("message") or "a worker process died running the task")
             error = TaskLostError(
                 f"on machine {self.machine.addr}: {message}",
@@ -879,6 +882,7 @@ class BigPool:
         self._callback_thread.start()
         self._b: B | None = None
         try:
+            tune_malloc()
             self._b = start_driver(system, **system_options)
             maxprocs = self._b.system.maxprocs()
             count = _machines_for(processes, maxprocs)
@@ -1008,11 +1012,12 @@ class BigPool:
                star: bool) -> _ChunkRef:
         """A chunk of ``tasks``: argument tuples if ``star``, else single arguments."""
         try:
-            args = encode_value(tasks)
+            args, args_dill = pickle_value(tasks)
         except Exception as exc:
             _note(exc, "bigpool: a task's arguments cannot be pickled to send to machines")
             raise
-        return _ChunkRef(job, index, func, args, len(tasks), star, next(self._chunk_ids))
+        return _ChunkRef(job, index, func, args, args_dill, len(tasks), star,
+                         next(self._chunk_ids))
 
     # the multiprocessing.Pool interface ---------------------------------------------------------
 

@@ -2,28 +2,30 @@
 processes and streams their results back.
 
 Every machine of a pool serves a :class:`PoolWorkerService` under :data:`SERVICE_NAME`. The
-driver sends it batches of :class:`Chunk` (``submit``), reads one long-lived streamed reply of
-result records (``results``), may drop queued chunks (``cancel``) and finally stops the workers
+driver sends it :class:`Chunk` records on one long-lived streamed call (``submit_stream``; or
+pickled lists of chunks with ``submit``), reads one long-lived streamed reply of result
+records (``results``), may drop queued chunks (``cancel``) and finally stops the workers
 (``shutdown_workers``). Inside the machine, chunks wait in a FIFO; each idle worker process
 takes the next one. Workers are ``python -m bigpool._worker_main`` subprocesses (never forks
 of the machine, which has threads and an event loop), driven over private pipes from the
 machine's event loop without blocking it.
 
-Result records (the ``results`` stream): ``struct.pack(">I", len(body)) + body`` with
-``body = pickle.dumps((chunk_id, status, payload, info), protocol=5)``; one yielded bytes
-object holds one or more whole records. ``status`` and ``payload``:
+Result records (the ``results`` stream) are :class:`bigpool.pool_wire.Result` records; one
+yielded buffer holds one or more whole records (or one large one). ``status`` and ``payload``:
 
-* :data:`OK`: ``bytes``, the pickle (or dill pickle) of the chunk's list of results, made in
-  the worker; load it with ``dill.loads``. The machine never unpickles user data.
-* :data:`TASK_ERROR`: ``bytes``, :func:`bigpool.h2rpc.errors.encode_error` of the first
-  exception a task raised (or of the failure to unpickle the function or the arguments, or of
-  a replacement worker's initializer failure); rebuild it with ``decode_error``.
-* :data:`ENCODE_ERROR`: ``(repr(exception), repr(value))``: the result could not be pickled.
-* :data:`WORKER_DIED`: a dict ``{"pid", "exitcode", "signal", "oom", "stderr_tail",
-  "message"}``: the worker process died while running the chunk (it is replaced).
+* :data:`OK`: the pickle (dill's when ``payload_dill``) of the chunk's list of results, made
+  in the worker. The machine never unpickles user data.
+* :data:`TASK_ERROR`: :func:`bigpool.h2rpc.errors.encode_error` of the first exception a task
+  raised (or of the failure to unpickle the function or the arguments, or of a replacement
+  worker's initializer failure); rebuild it with ``decode_error``.
+* :data:`ENCODE_ERROR`: ``pickle((repr(exception), repr(value)))``: the result could not be
+  pickled.
+* :data:`WORKER_DIED`: ``pickle(dict)`` with ``{"pid", "exitcode", "signal", "oom",
+  "stderr_tail", "message"}``: the worker process died while running the chunk (it is
+  replaced).
 
-``info`` is ``{"pid": worker_pid, "seconds": time the chunk took}`` (``pid`` is ``None`` for a
-record the machine made without a worker).
+:func:`result_details` unpickles the last two. ``pid`` is the worker's (``None`` for a record
+the machine made without a worker) and ``seconds`` the time the chunk took.
 
 This module runs on machines; it imports :mod:`bigpool.h2rpc` and the standard library only.
 """
@@ -40,7 +42,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from ._worker_main import (
@@ -54,7 +55,20 @@ from ._worker_main import (
     TASK_ERROR,
     WORKER_DIED,
 )
+from .h2rpc import StreamReader
 from .h2rpc.errors import decode_error, encode_error
+from .pool_wire import (
+    MACHINE_FUNCTIONS,
+    WORKER_FUNCTIONS,
+    Buffer,
+    Chunk,
+    ChunkDecoder,
+    LRUTable,
+    RecordAssembler,
+    Result,
+    encode_chunk,
+    encode_result,
+)
 
 __all__ = [
     "ENCODE_ERROR",
@@ -65,6 +79,7 @@ __all__ = [
     "Chunk",
     "PoolWorkerService",
     "WorkerStartError",
+    "result_details",
 ]
 
 SERVICE_NAME = "BigPoolWorker"
@@ -94,30 +109,17 @@ RESPAWN_BACKOFF_INITIAL = 0.1
 RESPAWN_BACKOFF_MAX = 5.0
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """A chunk of tasks, sent by the driver in :meth:`PoolWorkerService.submit` batches.
-
-    ``func`` (the dill pickle of the function) must come with, or before, the first chunk using
-    ``func_id`` on a machine; later chunks may send ``None``. ``args`` is a pickle (plain or
-    dill) of the chunk's tasks: with ``star`` argument tuples, called as ``func(*t)``; without,
-    single arguments, called as ``func(x)`` (no tuple per task to build and pickle).
-    """
-
-    chunk_id: int
-    func_id: bytes
-    func: bytes | None
-    args: bytes
-    star: bool
-
-
 class WorkerStartError(RuntimeError):
     """The worker processes could not start, or their initializer failed (``__cause__``)."""
 
 
-def _record(chunk_id: int, status: int, payload: Any, info: dict[str, Any]) -> bytes:
-    body = pickle.dumps((chunk_id, status, payload, info), protocol=5)
-    return LENGTH.pack(len(body)) + body
+def _record(chunk_id: int, status: int, payload: bytes, pid: int | None, seconds: float) -> bytes:
+    return b"".join(encode_result(Result(chunk_id, status, payload, pid, seconds, False)))
+
+
+def result_details(result: Result) -> Any:
+    """The payload of an :data:`ENCODE_ERROR` or :data:`WORKER_DIED` record, unpickled."""
+    return pickle.loads(result.payload)
 
 
 def _oom_kill_count() -> int | None:
@@ -167,7 +169,8 @@ class _Worker:
         self.read_transports: list[asyncio.BaseTransport] = []
         self.ready: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self.init_error: bytes | None = None
-        self.func_ids: set[bytes] = set()
+        # The functions this worker has (it keeps the same table, touched in the same order).
+        self.func_ids: LRUTable[bytes, bool] = LRUTable(WORKER_FUNCTIONS)
         # Chunks sent and not answered, oldest (running) first, with when they were sent.
         self.inflight: collections.deque[tuple[Chunk, float]] = collections.deque()
         # How many of those were not known to be quick when sent (nothing goes ahead of them).
@@ -185,10 +188,15 @@ class _Worker:
     def __repr__(self) -> str:
         return f"<worker {self.pid} inflight={len(self.inflight)} tasks={self.tasks_done}>"
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send_init(self, initializer: bytes | None) -> None:
         assert self.transport is not None
-        frame = pickle.dumps(message, protocol=5)
-        self.transport.writelines([LENGTH.pack(len(frame)), frame])
+        frame = pickle.dumps(("init", initializer), protocol=5)
+        self.transport.write(LENGTH.pack(len(frame)) + frame)
+
+    def send_chunk(self, chunk: Chunk, include_function: bool) -> None:
+        assert self.transport is not None
+        for part in encode_chunk(chunk, include_function):
+            self.transport.write(part)
 
     def close_input(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -207,27 +215,15 @@ class _ResultProtocol(asyncio.Protocol):
     def __init__(self, service: PoolWorkerService, worker: _Worker) -> None:
         self._service = service
         self._worker = worker
-        self._buffer = bytearray()
+        self._frames = RecordAssembler(header=HEADER)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        offset = 0
-        end = len(buffer)
         service, worker = self._service, self._worker
-        while end - offset >= HEADER.size:
-            size, kind, ntasks = HEADER.unpack_from(buffer, offset)
-            start = offset + HEADER.size
-            if end - start < size:
-                break
-            body = bytes(buffer[start : start + size])
-            offset = start + size
+        for (_, kind, ntasks), body in self._frames.feed(data):
             if kind == MSG_RESULT:
                 service._on_result(worker, ntasks, body)
             elif kind == MSG_READY:
                 service._on_ready(worker, body)
-        if offset:
-            del buffer[:offset]
 
     def eof_received(self) -> bool | None:
         return None
@@ -306,10 +302,10 @@ class PoolWorkerService:
         self._workers: list[_Worker] = []  # live, not retiring
         self._all: set[_Worker] = set()  # every process not yet reaped
         self._queue: collections.deque[Chunk] = collections.deque()
-        self._funcs: dict[bytes, bytes] = {}
+        self._funcs: LRUTable[bytes, bytes] = LRUTable(MACHINE_FUNCTIONS)
         # Seconds the last chunk of each function took here: decides what may be sent ahead.
         self._func_seconds: dict[bytes, float] = {}
-        self._records: collections.deque[bytes] = collections.deque()
+        self._records: collections.deque[Buffer] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._consumer = 0
         self._closed = False
@@ -389,13 +385,45 @@ class PoolWorkerService:
         if not isinstance(batch, list | tuple) or not all(isinstance(c, Chunk) for c in batch):
             raise TypeError("submit takes a list of Chunk")
         for chunk in batch:
-            if chunk.func is not None:
-                self._funcs.setdefault(chunk.func_id, chunk.func)
-            self._queue.append(chunk)
+            self._accept(chunk)
         self._dispatch()
         return len(batch)
 
-    async def results(self, _: object = None) -> AsyncIterator[bytes]:
+    def _accept(self, chunk: Chunk) -> None:
+        """Queue ``chunk`` holding its function's pickle (a later eviction cannot lose it)."""
+        if chunk.func is not None:
+            self._funcs.put(chunk.func_id, chunk.func)
+        else:
+            chunk.func = self._funcs.touch(chunk.func_id)
+        self._queue.append(chunk)
+
+    async def submit_stream(self, records: StreamReader) -> int:
+        """Queue chunks as their records arrive on ``records`` (:mod:`bigpool.pool_wire`), until
+        the caller ends the stream; how many there were.
+
+        This is how a pool's driver feeds a machine: one call for the pool's life, no round
+        trip per batch. Raises ``ValueError`` naming the problem for a malformed record (the
+        chunks before it stay queued) and ``RuntimeError`` after :meth:`shutdown_workers`.
+        """
+        decoder = ChunkDecoder()
+        count = 0
+        while True:
+            data = await records.read_chunk()
+            if not data:
+                break
+            if self._closed or self._loop is None:
+                raise RuntimeError("the pool workers are shut down" if self._closed
+                                   else "the service was not started (init was not called)")
+            chunks = decoder.feed(data)
+            for chunk in chunks:
+                self._accept(chunk)
+            count += len(chunks)
+            self._dispatch()
+        if decoder.partial:
+            raise ValueError("the chunk stream ended inside a record")
+        return count
+
+    async def results(self, _: object = None) -> AsyncIterator[Buffer]:
         """The stream of result records (see the module docstring), as chunks complete.
 
         Records made before the stream is opened wait for it. There is one reader at a time:
@@ -405,7 +433,7 @@ class PoolWorkerService:
         self._consumer += 1
         return self._stream(self._consumer)
 
-    async def _stream(self, token: int) -> AsyncIterator[bytes]:
+    async def _stream(self, token: int) -> AsyncIterator[Buffer]:
         assert self._wake is not None
         wake = self._wake
         records = self._records
@@ -440,7 +468,8 @@ class PoolWorkerService:
         return dropped
 
     def stats(self, _: object = None) -> dict[str, Any]:
-        """``{"processes", "queued", "running", "done", "worker_pids", "worker_restarts"}``.
+        """``{"processes", "queued", "running", "done", "worker_pids", "worker_restarts",
+        "functions"}`` (``functions``: function pickles held, at most MACHINE_FUNCTIONS).
 
         ``running`` counts chunks sent to workers and not yet answered; ``worker_restarts``
         counts replacements (deaths and ``maxtasksperchild`` retirements).
@@ -453,6 +482,7 @@ class PoolWorkerService:
             "done": self._done,
             "worker_pids": [w.pid for w in workers],
             "worker_restarts": self._restarts,
+            "functions": len(self._funcs),
         }
 
     async def shutdown_workers(self, _: object = None) -> None:
@@ -548,10 +578,10 @@ class PoolWorkerService:
                 with contextlib.suppress(OSError):
                     f.close()
             raise
-        w.send(("init", self.initializer))
+        w.send_init(self.initializer)
         return w
 
-    def _on_ready(self, w: _Worker, body: bytes) -> None:
+    def _on_ready(self, w: _Worker, body: Buffer) -> None:
         _, init_error = pickle.loads(body)
         w.init_error = init_error
         if init_error is None:
@@ -560,7 +590,7 @@ class PoolWorkerService:
             w.ready.set_result(init_error)
         self._dispatch()
 
-    def _on_result(self, w: _Worker, ntasks: int, body: bytes) -> None:
+    def _on_result(self, w: _Worker, ntasks: int, record: Buffer) -> None:
         if not w.inflight:
             return  # cannot happen: a worker answers only chunks it was sent
         chunk, sent = w.inflight.popleft()
@@ -573,13 +603,13 @@ class PoolWorkerService:
         self._func_seconds[chunk.func_id] = w.last_seconds
         w.tasks_done += ntasks
         self._done += 1
-        self._emit(LENGTH.pack(len(body)) + body)
+        self._emit(record)
         if (self.maxtasksperchild is not None and w.tasks_done >= self.maxtasksperchild
                 and not w.retiring):
             self._retire(w)
         self._dispatch()
 
-    def _emit(self, record: bytes) -> None:
+    def _emit(self, record: Buffer) -> None:
         self._records.append(record)
         if self._wake is not None:
             self._wake.set()
@@ -656,8 +686,9 @@ class PoolWorkerService:
             w.ready.exception()  # retrieved: init may not be waiting (a replacement)
         if w.inflight:
             chunk, sent = w.inflight.popleft()
-            self._emit(_record(chunk.chunk_id, WORKER_DIED, self._death(w, exitcode),
-                               {"pid": w.pid, "seconds": time.monotonic() - sent}))
+            self._emit(_record(chunk.chunk_id, WORKER_DIED,
+                               pickle.dumps(self._death(w, exitcode), protocol=5),
+                               w.pid, time.monotonic() - sent))
             # Chunks sent ahead (prefetched) never started: they go back to the queue's head.
             self._queue.extendleft(reversed([c for c, _ in w.inflight]))
             w.inflight.clear()
@@ -728,32 +759,29 @@ class PoolWorkerService:
         return seconds is not None and seconds < PREFETCH_BELOW_SECONDS
 
     def _send(self, w: _Worker, chunk: Chunk) -> None:
-        func: bytes | None = None
-        if chunk.func_id not in w.func_ids:
-            func = self._funcs.get(chunk.func_id)
-            if func is None:
+        has_function = w.func_ids.touch(chunk.func_id) is not None
+        if not has_function:
+            if chunk.func is None:
                 error = LookupError(
                     f"chunk {chunk.chunk_id}: function {chunk.func_id!r} was never sent to "
                     "this machine (send Chunk.func with the first chunk using it)"
                 )
                 self._done += 1
-                self._emit(_record(chunk.chunk_id, TASK_ERROR, encode_error(error),
-                                   {"pid": None, "seconds": 0.0}))
+                self._emit(_record(chunk.chunk_id, TASK_ERROR, encode_error(error), None, 0.0))
                 return
-            w.func_ids.add(chunk.func_id)
+            w.func_ids.put(chunk.func_id, True)
         w.inflight.append((chunk, time.monotonic()))
         if not self._quick(chunk):
             w.unquick += 1
             w.unquick_ids.add(chunk.chunk_id)
-        w.send(("run", chunk.chunk_id, chunk.func_id, func, chunk.args, chunk.star))
+        w.send_chunk(chunk, include_function=not has_function)
 
     def _fail_init(self, w: _Worker, chunk: Chunk) -> None:
         """``w``'s initializer failed: the chunk fails with that error; ``w`` is retired and a
         new worker tries the initializer again."""
         assert w.init_error is not None
         self._done += 1
-        self._emit(_record(chunk.chunk_id, TASK_ERROR, w.init_error,
-                           {"pid": w.pid, "seconds": 0.0}))
+        self._emit(_record(chunk.chunk_id, TASK_ERROR, w.init_error, w.pid, 0.0))
         self._respawn_backoff = min(
             max(self._respawn_backoff * 2, RESPAWN_BACKOFF_INITIAL), RESPAWN_BACKOFF_MAX
         )

@@ -7,15 +7,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from pool_support import wait_until
 
 from bigpool import BigPool, KeepaliveConfig, PoolTerminatedError, State, TaskLostError
 from bigpool.pool import IMAP_WINDOW_PER_SLOT
+from bigpool.pool_wire import MACHINE_FUNCTIONS
 from bigpool.systems.local import LocalSystem
 from bigpool.systems.test import TestSystem
+from bigpool.worker import SERVICE_NAME
 
 
 def slow_square(x: int) -> int:
@@ -140,3 +142,20 @@ def test_bad_arguments_are_named() -> None:
         BigPool(1, system="nowhere")
     with pytest.raises(ValueError, match="retries"):
         BigPool(1, system="test", retries=-1)
+
+
+def _adder(n: int) -> Callable[[int], int]:
+    return lambda x: x + n  # a new closure each time: a new function to every table
+
+
+def test_ever_new_functions_are_held_in_bounded_tables_and_resent_when_forgotten() -> None:
+    count = MACHINE_FUNCTIONS + 100  # more than every table holds: driver, machine, worker
+    functions = [_adder(n) for n in range(count)]
+    with BigPool(processes=1, system="local") as pool:
+        assert [pool.apply(f, (1000,)) for f in functions] == [1000 + n for n in range(count)]
+        (machine,) = pool.machines
+        held = machine.call(f"{SERVICE_NAME}.stats")["functions"]
+        assert 0 < held <= MACHINE_FUNCTIONS
+        # The first functions were forgotten everywhere since; they are sent again and run.
+        assert [pool.apply(f, (1,)) for f in functions[:3]] == [1, 2, 3]
+        assert pool.map(functions[0], range(5), chunksize=1) == [0, 1, 2, 3, 4]

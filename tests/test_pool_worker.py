@@ -32,6 +32,7 @@ from pool_worker_tasks import (
     getpid,
     init_unless_file,
     init_worker,
+    length,
     make_generator,
     noop,
     pid_then_sleep,
@@ -46,6 +47,7 @@ import bigpool
 from bigpool import State
 from bigpool.h2rpc.errors import RemoteTraceback, decode_error
 from bigpool.machine import ServiceStartError
+from bigpool.pool_wire import ResultDecoder, encode_chunk
 from bigpool.worker import (
     ENCODE_ERROR,
     OK,
@@ -54,6 +56,7 @@ from bigpool.worker import (
     WORKER_DIED,
     Chunk,
     PoolWorkerService,
+    result_details,
 )
 
 # --- helpers ------------------------------------------------------------------------------
@@ -82,16 +85,15 @@ class Results:
         self.thread.start()
 
     def _run(self) -> None:
-        buffer = b""
+        decoder = ResultDecoder()
         try:
             while data := self.reader.read_chunk():
-                buffer += data
-                while len(buffer) >= 4:
-                    (size,) = struct.unpack(">I", buffer[:4])
-                    if len(buffer) < 4 + size:
-                        break
-                    self.records.put(pickle.loads(buffer[4 : 4 + size]))
-                    buffer = buffer[4 + size :]
+                for result in decoder.feed(data):
+                    payload: Any = bytes(result.payload)
+                    if result.status in (ENCODE_ERROR, WORKER_DIED):
+                        payload = result_details(result)
+                    info = {"pid": result.pid, "seconds": result.seconds}
+                    self.records.put((result.chunk_id, result.status, payload, info))
         except Exception as exc:
             self.records.put(exc)
         finally:
@@ -158,6 +160,32 @@ def alive(pid: int) -> bool:
 
 
 # --- tests --------------------------------------------------------------------------------
+
+
+def test_submit_stream_queues_records_as_they_arrive() -> None:
+    with pool("test", 1) as (m, results):
+        first = chunk(1, length, [("hi",)])
+        big = Chunk(2, first.func_id, None, pickle.dumps(["x" * 200_000]), False, False)
+        records = [bytes(p) for c in (first, big) for p in encode_chunk(c)]
+        data = b"".join(records)
+        pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]  # records split anywhere
+        assert m.call(f"{SERVICE_NAME}.submit_stream", iter(pieces)) == 2
+        got = results.get(2)
+        assert ok_value(got[1]) == [2]
+        assert ok_value(got[2]) == [200_000]  # arrived whole across many pieces
+
+
+def test_submit_stream_names_a_malformed_or_cut_record() -> None:
+    with pool("test", 1) as (m, results):
+        whole = b"".join(bytes(p) for p in encode_chunk(chunk(1, square, [(2,)])))
+        with pytest.raises(ValueError, match="ended inside a record"):
+            m.call(f"{SERVICE_NAME}.submit_stream", iter([whole, whole[:10]]))
+        assert ok_value(results.get(1)[1]) == [4]  # the whole record before the cut still ran
+        bad = struct.pack(">I", 14) + struct.pack(">BQBI", 0x80, 5, 0, 0)
+        with pytest.raises(ValueError, match="unknown flags"):
+            m.call(f"{SERVICE_NAME}.submit_stream", iter([bad]))
+        submit(m, chunk(6, square, [(5,)], send_func=False))
+        assert ok_value(results.get(1)[6]) == [25]  # and the service goes on
 
 
 @pytest.mark.parametrize("system", ["test", "local"])

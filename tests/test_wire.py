@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import pickle
 import threading
+import types
 from typing import Any
 
 import pytest
@@ -296,3 +298,20 @@ def test_bad_stream_trailers_are_protocol_errors(
 def test_error_trailer_with_garbage_envelope() -> None:
     trailers = [(wire.TRAILER_STATUS, b"error"), (wire.TRAILER_ERROR, base64.b64encode(b"junk"))]
     assert isinstance(wire.stream_trailer_error(trailers), ProtocolError)
+
+
+def test_pickle_value_copies_what_main_defines_by_value() -> None:
+    main_class = type("Point", (), {"__module__": "__main__"})
+    main_function = types.FunctionType((lambda: 7).__code__, {"__name__": "__main__"}, "seven")
+    main_function.__module__ = "__main__"
+    for value in (main_class, main_class(), [1, main_function], {"k": (main_class,)}):
+        assert wire.pickle_value(value)[1], value
+    assert wire.decode_value(wire.pickle_value([1, main_function])[0])[1]() == 7
+
+
+def test_pickle_value_keeps_importable_values_on_the_c_pickler() -> None:
+    big = os.urandom(1 << 20)
+    for value in ({"a": [1, 2.5, "x"]}, big, [big, 3], wire.pickle_value):
+        data, by_value = wire.pickle_value(value)
+        assert not by_value
+        assert pickle.loads(data) == value

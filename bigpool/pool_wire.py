@@ -1,0 +1,299 @@
+"""The records a pool's driver and machines exchange, sans-IO: bytes in, values out.
+
+Chunks travel from the driver to a machine on one long-lived streamed call
+(``BigPoolWorker.submit_stream``), one record per chunk::
+
+    >I  record length (of all that follows)
+    >B  flags (bit 0: star, the tasks are argument tuples; bit 1: the arguments need dill)
+    >Q  chunk id
+    >B  length of the function id
+    >I  length of the function's pickle (0: sent before, the machine has it)
+        the function id, the function's pickle, then the arguments' pickle (to the end)
+
+Machines hand chunks to their worker processes in the same record. Results come back, from
+worker to machine and on to the driver (the ``BigPoolWorker.results`` stream), as::
+
+    >I  record length
+    >Q  chunk id
+    >B  status (OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED: see bigpool.worker)
+    >B  flags (bit 1: the payload needs dill)
+    >i  pid of the worker that ran it (-1: none)
+    >d  seconds the chunk took
+        the payload (to the end)
+
+Records are written back to back; a record's bytes may be split anywhere across the frames
+that carry them. Arguments and results are never re-pickled on the way: the machine passes
+the very bytes between the driver and its worker processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+__all__ = [
+    "DRIVER_FUNCTIONS",
+    "MACHINE_FUNCTIONS",
+    "MAX_RECORD",
+    "WORKER_FUNCTIONS",
+    "Chunk",
+    "ChunkDecoder",
+    "LRUTable",
+    "RecordAssembler",
+    "RecordError",
+    "Result",
+    "ResultDecoder",
+    "decode_chunk",
+    "decode_result",
+    "encode_chunk",
+    "encode_result",
+]
+
+LENGTH = struct.Struct(">I")
+CHUNK_HEADER = struct.Struct(">BQBI")
+RESULT_HEADER = struct.Struct(">QBBid")
+FLAG_STAR = 1
+FLAG_DILL = 2
+# Functions remembered: by a driver per machine (as sent), by a machine (as received; never
+# fewer than the driver's), and by a machine per worker process and that worker (the same).
+DRIVER_FUNCTIONS = 256
+MACHINE_FUNCTIONS = 512
+WORKER_FUNCTIONS = 128
+# Largest record a decoder accepts (a bound on what one peer's record can make us allocate).
+MAX_RECORD = (1 << 32) - 1
+# Arguments at least this large are sent as their own buffer rather than copied into the
+# record's head.
+INLINE_LIMIT = 64 * 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A chunk of tasks for a machine's :class:`~bigpool.worker.PoolWorkerService`.
+
+    ``func`` (the dill pickle of the function) must come with, or before, the first chunk using
+    ``func_id`` on a machine; later chunks may send ``None``. ``args`` is a pickle (plain or
+    dill) of the chunk's tasks: with ``star`` argument tuples, called as ``func(*t)``; without,
+    single arguments, called as ``func(x)`` (no tuple per task to build and pickle).
+
+    Each side remembers the functions it was sent in a least-recently-used table, touched by
+    every chunk in the order chunks travel: the sender's table (``*_FUNCTIONS`` below) is never
+    larger than the receiver's, so whatever the sender still remembers having sent, the
+    receiver still has, and a long-running pool of ever-new lambdas holds bounded memory.
+    """
+
+    chunk_id: int
+    func_id: bytes
+    func: bytes | None
+    args: Buffer
+    star: bool
+    args_dill: bool = True
+
+
+@dataclass(frozen=True)
+class Result:
+    """One chunk's result record (see the module docstring and :mod:`bigpool.worker`)."""
+
+    chunk_id: int
+    status: int
+    payload: Buffer
+    pid: int | None
+    seconds: float
+    payload_dill: bool = True
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LRUTable(Generic[K, V]):
+    """A bounded mapping whose least recently used entry goes first; ``touch`` uses one."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[K, V] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def touch(self, key: K) -> V | None:
+        """The value for ``key``, now the most recently used; ``None`` if absent."""
+        entries = self._entries
+        value = entries.get(key)
+        if value is not None:
+            entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        """Set ``key`` (now the most recently used), dropping the least recent over capacity."""
+        entries = self._entries
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > self.capacity:
+            entries.popitem(last=False)
+
+
+class RecordError(ValueError):
+    """Bytes that are not a well-formed record stream; the message says what is wrong."""
+
+
+def encode_chunk(chunk: Chunk, include_function: bool = True) -> list[Buffer]:
+    """The buffers of ``chunk``'s record, to be written in order (large arguments uncopied);
+    without ``include_function``, the record leaves the function out (the receiver has it)."""
+    func = (chunk.func or b"") if include_function else b""
+    if len(chunk.func_id) > 255:
+        raise ValueError(f"a function id has at most 255 bytes, not {len(chunk.func_id)}")
+    size = CHUNK_HEADER.size + len(chunk.func_id) + len(func) + len(chunk.args)
+    if size > MAX_RECORD:
+        raise ValueError(f"a chunk of {size} bytes is larger than a record may be ({MAX_RECORD})")
+    flags = (FLAG_STAR if chunk.star else 0) | (FLAG_DILL if chunk.args_dill else 0)
+    head = LENGTH.pack(size) + CHUNK_HEADER.pack(
+        flags, chunk.chunk_id, len(chunk.func_id), len(func)
+    )
+    if len(chunk.args) < INLINE_LIMIT:
+        return [b"".join((head, chunk.func_id, func, chunk.args))]
+    return [b"".join((head, chunk.func_id, func)), chunk.args]
+
+
+def decode_chunk(body: memoryview) -> Chunk:
+    """The chunk in a record's ``body`` (its length prefix removed). Raises RecordError."""
+    if len(body) < CHUNK_HEADER.size:
+        raise RecordError(f"a chunk record of {len(body)} bytes is shorter than its header")
+    flags, chunk_id, id_size, func_size = CHUNK_HEADER.unpack_from(body)
+    if flags & ~(FLAG_STAR | FLAG_DILL):
+        raise RecordError(f"chunk {chunk_id}: unknown flags {flags:#x}")
+    start = CHUNK_HEADER.size
+    args_start = start + id_size + func_size
+    if args_start > len(body):
+        raise RecordError(f"chunk {chunk_id}: function of {func_size} bytes overruns its record")
+    func_id = bytes(body[start : start + id_size])
+    func = bytes(body[start + id_size : args_start]) if func_size else None
+    return Chunk(chunk_id, func_id, func, body[args_start:], bool(flags & FLAG_STAR),
+                 bool(flags & FLAG_DILL))
+
+
+def encode_result(result: Result) -> list[Buffer]:
+    """The buffers of ``result``'s record, to be written in order (a large payload uncopied)."""
+    size = RESULT_HEADER.size + len(result.payload)
+    if size > MAX_RECORD:
+        raise ValueError(f"a result of {size} bytes is larger than a record may be ({MAX_RECORD})")
+    head = LENGTH.pack(size) + RESULT_HEADER.pack(
+        result.chunk_id, result.status, FLAG_DILL if result.payload_dill else 0,
+        -1 if result.pid is None else result.pid, result.seconds,
+    )
+    if len(result.payload) < INLINE_LIMIT:
+        return [head + result.payload]
+    return [head, result.payload]
+
+
+def decode_result(body: memoryview) -> Result:
+    """The result in a record's ``body`` (its length prefix removed). Raises RecordError."""
+    if len(body) < RESULT_HEADER.size:
+        raise RecordError(f"a result record of {len(body)} bytes is shorter than its header")
+    chunk_id, status, flags, pid, seconds = RESULT_HEADER.unpack_from(body)
+    return Result(chunk_id, status, body[RESULT_HEADER.size :], None if pid < 0 else pid,
+                  seconds, bool(flags & FLAG_DILL))
+
+
+class RecordAssembler:
+    """Cuts a byte stream into records: a fixed ``header`` whose first field is the length of
+    the body that follows (by default ``>I``, the length alone), then the body.
+
+    Small records are returned as views of the data fed (no copy); a record split across
+    feeds is gathered into one buffer allocated at its full size when its length is known.
+    """
+
+    def __init__(self, max_record: int = MAX_RECORD, header: struct.Struct = LENGTH) -> None:
+        self.max_record = max_record
+        self.header = header
+        self._head = bytearray()  # a header not yet complete
+        self._fields: tuple[Any, ...] = ()  # the header of the record being filled
+        self._body: bytearray | None = None  # the record being filled
+        self._filled = 0
+
+    @property
+    def partial(self) -> bool:
+        """Whether a record has started and not ended."""
+        return bool(self._head) or self._body is not None
+
+    def feed(self, data: Buffer) -> list[tuple[tuple[Any, ...], memoryview]]:
+        """The records completed by ``data``, in order: (header fields, body) each."""
+        out: list[tuple[tuple[Any, ...], memoryview]] = []
+        header = self.header
+        hsize = header.size
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        pos = 0
+        end = len(view)
+        while pos < end:
+            if self._body is not None:
+                take = min(len(self._body) - self._filled, end - pos)
+                self._body[self._filled : self._filled + take] = view[pos : pos + take]
+                self._filled += take
+                pos += take
+                if self._filled == len(self._body):
+                    out.append((self._fields, memoryview(self._body)))
+                    self._body = None
+                continue
+            if self._head or end - pos < hsize:
+                need = hsize - len(self._head)
+                self._head += view[pos : pos + need]
+                pos += min(need, end - pos)
+                if len(self._head) < hsize:
+                    break
+                fields = header.unpack(self._head)
+                self._head.clear()
+            else:
+                fields = header.unpack_from(view, pos)
+                pos += hsize
+            size = fields[0]
+            if size > self.max_record:
+                raise RecordError(
+                    f"a record of {size} bytes is larger than allowed ({self.max_record})")
+            if size <= end - pos:
+                out.append((fields, view[pos : pos + size]))
+                pos += size
+            else:
+                self._fields = fields
+                self._body = bytearray(size)
+                self._filled = 0
+        return out
+
+
+class ChunkDecoder:
+    """Chunks from the bytes of a ``submit_stream`` body, as they arrive."""
+
+    def __init__(self, max_record: int = MAX_RECORD) -> None:
+        self._records = RecordAssembler(max_record)
+
+    @property
+    def partial(self) -> bool:
+        """Whether the bytes fed so far end inside a record."""
+        return self._records.partial
+
+    def feed(self, data: Buffer) -> list[Chunk]:
+        """The chunks whose records ``data`` completes. Raises :class:`RecordError`."""
+        return [decode_chunk(body) for _, body in self._records.feed(data)]
+
+
+class ResultDecoder:
+    """Results from the bytes of a ``results`` stream, as they arrive."""
+
+    def __init__(self, max_record: int = MAX_RECORD) -> None:
+        self._records = RecordAssembler(max_record)
+
+    @property
+    def partial(self) -> bool:
+        """Whether the bytes fed so far end inside a record."""
+        return self._records.partial
+
+    def feed(self, data: Buffer) -> list[Result]:
+        """The results whose records ``data`` completes. Raises :class:`RecordError`."""
+        return [decode_result(body) for _, body in self._records.feed(data)]

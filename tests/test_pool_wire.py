@@ -1,0 +1,120 @@
+"""The pool's chunk and result records, without sockets: round trips, any split, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bigpool.pool_wire import (
+    INLINE_LIMIT,
+    Chunk,
+    ChunkDecoder,
+    LRUTable,
+    RecordAssembler,
+    RecordError,
+    Result,
+    ResultDecoder,
+    encode_chunk,
+    encode_result,
+)
+
+
+def _chunks() -> list[Chunk]:
+    return [
+        Chunk(1, b"f" * 16, b"function pickle", b"args", True, False),
+        Chunk(2, b"f" * 16, None, b"", False, True),
+        Chunk(2**64 - 1, b"id", None, bytes(range(256)) * 400, False, False),  # > INLINE_LIMIT
+    ]
+
+
+def _same_chunk(a: Chunk, b: Chunk) -> bool:
+    return (a.chunk_id, a.func_id, a.func, bytes(a.args), a.star, a.args_dill) == (
+        b.chunk_id, b.func_id, b.func, bytes(b.args), b.star, b.args_dill)
+
+
+def _stream(chunks: list[Chunk]) -> bytes:
+    return b"".join(bytes(part) for c in chunks for part in encode_chunk(c))
+
+
+def test_chunks_round_trip_in_one_feed() -> None:
+    decoded = ChunkDecoder().feed(_stream(_chunks()))
+    assert len(decoded) == 3
+    assert all(_same_chunk(a, b) for a, b in zip(decoded, _chunks(), strict=True))
+
+
+def test_large_arguments_are_a_separate_buffer_not_a_copy() -> None:
+    args = bytes(INLINE_LIMIT)
+    parts = encode_chunk(Chunk(7, b"x" * 16, None, args, False))
+    assert len(parts) == 2 and parts[1] is args
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(_stream(_chunks())) - 1), max_size=12))
+def test_chunks_decode_however_the_bytes_are_split(cuts: list[int]) -> None:
+    data = _stream(_chunks())
+    bounds = [0, *sorted(set(cuts)), len(data)]
+    decoder = ChunkDecoder()
+    decoded: list[Chunk] = []
+    for start, end in itertools.pairwise(bounds):
+        decoded += decoder.feed(data[start:end])
+    assert not decoder.partial
+    assert len(decoded) == 3
+    assert all(_same_chunk(a, b) for a, b in zip(decoded, _chunks(), strict=True))
+
+
+def test_a_stream_cut_inside_a_record_is_partial() -> None:
+    data = _stream(_chunks()[:1])
+    decoder = ChunkDecoder()
+    assert decoder.feed(data[:-1]) == []
+    assert decoder.partial
+    assert len(decoder.feed(data[-1:])) == 1 and not decoder.partial
+
+
+def test_results_round_trip() -> None:
+    results = [Result(3, 0, b"payload", 1234, 0.25, False),
+               Result(4, 3, bytes(INLINE_LIMIT * 2), None, 1.5, True)]
+    data = b"".join(bytes(p) for r in results for p in encode_result(r))
+    decoder = ResultDecoder()
+    decoded = decoder.feed(data[:10]) + decoder.feed(data[10:])
+    assert [(r.chunk_id, r.status, bytes(r.payload), r.pid, r.seconds, r.payload_dill)
+            for r in decoded] == [
+        (3, 0, b"payload", 1234, 0.25, False), (4, 3, bytes(INLINE_LIMIT * 2), None, 1.5, True)]
+
+
+def test_a_record_longer_than_allowed_is_refused_before_allocation() -> None:
+    assembler = RecordAssembler(max_record=100)
+    with pytest.raises(RecordError, match="101 bytes is larger than allowed"):
+        assembler.feed(struct.pack(">I", 101))
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"\x00" * 5, "shorter than its header"),
+    (struct.pack(">BQBI", 0, 9, 16, 100) + b"x" * 20, "overruns its record"),
+    (struct.pack(">BQBI", 0x80, 9, 0, 0), "unknown flags"),
+])
+def test_malformed_chunk_records_are_named(body: bytes, message: str) -> None:
+    with pytest.raises(RecordError, match=message):
+        ChunkDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+def test_a_header_with_more_fields_carries_them() -> None:
+    header = struct.Struct(">IBI")
+    assembler = RecordAssembler(header=header)
+    data = header.pack(3, 2, 40) + b"abc" + header.pack(0, 1, 0)
+    out = assembler.feed(data[:5]) + assembler.feed(data[5:])
+    assert [(fields, bytes(body)) for fields, body in out] == [((3, 2, 40), b"abc"),
+                                                               ((0, 1, 0), b"")]
+
+
+def test_lru_table_drops_the_least_recently_used() -> None:
+    table: LRUTable[str, int] = LRUTable(2)
+    table.put("a", 1)
+    table.put("b", 2)
+    assert table.touch("a") == 1  # now b is the least recent
+    table.put("c", 3)
+    assert "b" not in table and table.touch("a") == 1 and table.touch("c") == 3
+    assert table.touch("b") is None and len(table) == 2
