@@ -162,6 +162,7 @@ def _function(func: Callable[..., Any]) -> _Function:
     try:
         data = pickle_function(func)
     except Exception as exc:
+        _note(exc, f"bigpool: the function {_name_of(func)} cannot be pickled to send to machines")
         raise _EncodeError(exc) from exc
     cached = _functions.get(func) if isinstance(func, types.FunctionType) else None
     if cached is not None and cached.data is data:
@@ -170,6 +171,17 @@ def _function(func: Callable[..., Any]) -> _Function:
     if isinstance(func, types.FunctionType):
         _functions[func] = function
     return function
+
+
+def _note(exc: BaseException, text: str) -> None:
+    """Say in the traceback what bigpool was doing (Python 3.11+ shows notes)."""
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+
+
+def _name_of(func: Any) -> str:
+    return str(getattr(func, "__qualname__", None) or repr(func))[:200]
 
 
 class _EncodeError(Exception):
@@ -937,6 +949,7 @@ class BigPool:
                     raise ValueError(f"the service name {SERVICE_NAME!r} is used by BigPool")
                 all_services[name] = obj
             self._scheduler = _Scheduler(self, retries)
+            self._services = all_services
             self._machines = self._b.start(count, services=all_services)
             self._b._run(self._attach(self._machines))
             self._b.add_status_provider("pool", self._scheduler.status)
@@ -975,6 +988,22 @@ class BigPool:
     def b(self) -> B:
         assert self._b is not None
         return self._b
+
+    def add_machines(self, n: int = 1) -> list[Machine]:
+        """Start ``n`` more machines (to replace lost ones, or to grow the pool).
+
+        They take work as soon as they are running; returned while possibly still booting.
+        Raises ``ValueError`` if the pool is not running and :class:`BrokenExecutor` if it is
+        already broken (a broken pool stays broken).
+        """
+        self._check_running()
+        if self._broken is not None:
+            raise BrokenExecutor(f"the pool is broken: {self._broken}")
+        assert self._b is not None
+        machines = self._b.start(n, services=self._services)
+        self._machines.extend(machines)
+        self._b._run(self._attach(machines))
+        return machines
 
     # callbacks --------------------------------------------------------------------------------
 
@@ -1035,7 +1064,11 @@ class BigPool:
     def _chunk(self, job: _Job, index: int, func: _Function, tasks: list[Any],
                star: bool) -> _ChunkRef:
         """A chunk of ``tasks``: argument tuples if ``star``, else single arguments."""
-        args, args_dill = pickle_value(tasks)
+        try:
+            args, args_dill = pickle_value(tasks)
+        except Exception as exc:
+            _note(exc, "bigpool: a task's arguments cannot be pickled to send to machines")
+            raise
         return _ChunkRef(job, index, func, args, args_dill, len(tasks), star,
                          next(self._chunk_ids))
 

@@ -132,8 +132,12 @@ def _oom_kill_count() -> int | None:
         with open("/proc/self/cgroup") as f:
             for line in f:
                 parts = line.strip().split(":", 2)
-                if len(parts) == 3 and parts[0] == "0" and parts[2] not in ("", "/"):
+                if len(parts) != 3 or parts[2] in ("", "/"):
+                    continue
+                if parts[0] == "0":
                     candidates.insert(0, f"/sys/fs/cgroup{parts[2]}/memory.events")
+                elif "memory" in parts[1].split(","):  # cgroup v1: the memory controller's own
+                    candidates.insert(0, f"/sys/fs/cgroup/memory{parts[2]}/memory.oom_control")
     except OSError:
         pass
     for path in candidates:

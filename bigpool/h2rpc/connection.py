@@ -390,8 +390,11 @@ class H2Connection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self.flush()  # h2 has queued a GOAWAY naming the error
-            self.abort(ProtocolError(f"peer broke HTTP/2: {exc}"))
+            self.flush()  # h2 has queued a GOAWAY naming the error: close after it goes out
+            if self.closed is None:
+                self.closed = ProtocolError(f"peer broke HTTP/2: {exc}")
+            if self.transport is not None:
+                self.transport.close()
             return
         for event in events:
             self.handle_event(event)
@@ -588,11 +591,15 @@ class H2Connection(asyncio.Protocol):
         self._window_opened(stream_id)
 
     def abort(self, exc: BaseException) -> None:
-        """Close the connection at once, failing every stream with ``exc``."""
+        """Close the connection at once, failing every stream with ``exc``.
+
+        No goodbye and no TLS close: a peer that is unreachable would never answer them, and
+        the streams would wait for the TLS shutdown timeout (30 s) to fail.
+        """
         if self.closed is None:
             self.closed = exc
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def close(self) -> None:
         """Say goodbye (GOAWAY) and close the transport."""

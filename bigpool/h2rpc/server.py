@@ -34,6 +34,10 @@ __all__ = ["CallContext", "Server", "current_call"]
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024 * 1024
 # Thread-run methods may block (sleep, I/O, waiting on others): allow many at once.
 DEFAULT_MAX_THREADS = 256
+# A peer that has not finished the TLS handshake by then is dropped: how long a stranger can
+# hold a connection (and its file descriptor) while saying nothing. asyncio's default is 60 s;
+# a real handshake, even across continents, takes well under a second.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -176,11 +180,14 @@ class Server:
     ) -> tuple[str, int]:
         """Listen on ``host:port`` (port 0 picks a free one) or on ``sock``; returns the address."""
         loop = asyncio.get_running_loop()
+        tls: dict[str, Any] = {"ssl": self._ssl}
+        if self._ssl is not None:
+            tls["ssl_handshake_timeout"] = HANDSHAKE_TIMEOUT
         if sock is not None:
-            self._server = await loop.create_server(self._make_protocol, sock=sock, ssl=self._ssl)
+            self._server = await loop.create_server(self._make_protocol, sock=sock, **tls)
         else:
             self._server = await loop.create_server(
-                self._make_protocol, host=host, port=port, ssl=self._ssl
+                self._make_protocol, host=host, port=port, **tls
             )
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])

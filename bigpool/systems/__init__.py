@@ -2,7 +2,8 @@
 
 A system starts machines and says how to keep them alive; the machine layer does the rest
 (booting, registering services, keepalives, calls). Implementations live one per module:
-``local`` (Unix processes on this host, the default), ``test`` (in-process), and others.
+``local`` (Unix processes on this host, the default), ``test`` (in-process), ``netns``
+(processes in Linux network namespaces, for tests over real interfaces), and others.
 Names are resolved lazily, so an optional system's dependencies (boto3 for EC2) load only
 when it is asked for.
 """
@@ -74,6 +75,7 @@ class System(Protocol):
 _FACTORIES: dict[str, Callable[..., System] | str] = {
     "local": "bigpool.systems.local:LocalSystem",
     "test": "bigpool.systems.test:TestSystem",
+    "netns": "bigpool.systems.netns:NetnsSystem",
     "ec2": "bigpool.systems.ec2:EC2System",
 }
 

@@ -23,7 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
-from ..h2rpc import BigpoolError
+from ..h2rpc import BigpoolError, NetworkError
 from ..node import (
     ENV_BUNDLE_DIR,
     ENV_CREDENTIALS_FD,
@@ -31,6 +31,7 @@ from ..node import (
     ENV_LISTEN_FD,
     ENV_MAXPROCS,
     ENV_SYSTEM,
+    EXIT_NO_KEEPALIVE,
     encode_credentials,
 )
 from . import KeepaliveConfig
@@ -38,7 +39,7 @@ from . import KeepaliveConfig
 if TYPE_CHECKING:
     from ..machine import B, Machine
 
-__all__ = ["LocalSystem", "MachineExitedError"]
+__all__ = ["KeepaliveExpiredError", "LocalSystem", "MachineExitedError"]
 
 # Lines of a machine's stderr kept to explain its death.
 STDERR_TAIL_LINES = 40
@@ -65,6 +66,13 @@ class MachineExitedError(BigpoolError):
         tail = "".join(stderr_tail[-10:]).rstrip()
         detail = f"; last stderr lines:\n{tail}" if tail else ""
         super().__init__(f"machine {addr} {how}{detail}")
+        self.addr = addr  # again: NetworkError's __init__ (in a subclass's MRO) resets it
+
+
+class KeepaliveExpiredError(MachineExitedError, NetworkError):  # type: ignore[misc]
+    """A machine exited because no keepalive reached it in time: the network between it and
+    the driver failed (or the driver stalled). A :class:`NetworkError`, as the driver's own
+    keepalive failure would be."""
 
 
 @dataclass
@@ -150,15 +158,12 @@ class LocalSystem:
 
         if b.authority is None:
             raise RuntimeError("only a driver can start local machines")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock, host = self._listen()
         read_fd = write_fd = -1
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(1024)
             port = sock.getsockname()[1]
-            addr = f"https://127.0.0.1:{port}/"
-            credentials = b.authority.issue(f"machine {addr}", ips=["127.0.0.1"], dns=["localhost"])
+            addr = f"https://{host}:{port}/"
+            credentials = b.authority.issue(f"machine {addr}", ips=[host], dns=["localhost"])
             read_fd, write_fd = os.pipe()
             os.write(write_fd, encode_credentials(credentials))
             os.close(write_fd)
@@ -177,7 +182,7 @@ class LocalSystem:
             if self.bundle_dir:
                 env[ENV_BUNDLE_DIR] = self.bundle_dir
             proc = subprocess.Popen(
-                [self.python, "-m", "bigpool.node"],
+                self._command(host),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -210,6 +215,26 @@ class LocalSystem:
         err.start()
         return machine
 
+    def _listen(self) -> tuple[socket.socket, str]:
+        """A listening socket for a new machine, and the IP address the driver dials it at.
+
+        Subclasses place machines elsewhere (another network namespace) by overriding this
+        and :meth:`_command`.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(1024)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, "127.0.0.1"
+
+    def _command(self, host: str) -> list[str]:
+        """The command that runs a machine reached at ``host`` (it inherits its socket)."""
+        return [self.python, "-m", "bigpool.node"]
+
     def _copy(self, pipe: IO[bytes], stream: str, record: LocalProcess,
               machine: Machine | None) -> None:
         prefix = f"{record.addr}: "
@@ -235,7 +260,9 @@ class LocalSystem:
             for thread in record.threads:
                 if thread is not threading.current_thread():
                     thread.join(5)
-            machine._fail(MachineExitedError(record.addr, returncode, list(record.stderr_tail)))
+            error_type = (KeepaliveExpiredError if returncode == EXIT_NO_KEEPALIVE
+                          else MachineExitedError)
+            machine._fail(error_type(record.addr, returncode, list(record.stderr_tail)))
 
     def kill(self, machine: Machine, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a machine's process (for tests of machine loss)."""
