@@ -578,10 +578,7 @@ class _Feed:
             if head is None:
                 break
             depth = scheduler.depth(head.func.id)
-            # Nothing waits behind a chunk that may be long, and a chunk that may be long
-            # waits behind nothing: only quick chunks share a slot.
-            limit = self.slots if depth == 1 or self.blocking else self.slots * depth
-            if len(self.in_flight) >= limit:
+            if self.room(depth) <= 0:
                 break
             ref = scheduler.take()
             assert ref is not None
@@ -610,23 +607,43 @@ class _Feed:
         return out
 
     async def _read_loop(self, reader: StreamReader) -> None:
+        """Handle result records as their bytes arrive (in the connection's own callback: a
+        result costs no turn of the event loop), until the stream ends or breaks."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         decoder = ResultDecoder()
-        while True:
-            data = await reader.read_chunk()
-            if not data:
-                if decoder.partial:
-                    raise BigpoolError(f"machine {self.machine.addr} ended its results "
-                                       "inside a record")
+
+        def drain() -> None:
+            if done.done():
                 return
-            for result in decoder.feed(data):
-                self._record(result)
+            try:
+                while (data := reader.read_chunk_nowait()) is not None:
+                    if not data:
+                        if decoder.partial:
+                            raise BigpoolError(f"machine {self.machine.addr} ended its results "
+                                               "inside a record")
+                        done.set_result(None)
+                        return
+                    for result in decoder.feed(data):
+                        self._record(result)
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        reader.on_arrival(drain)
+        try:
+            await done
+        finally:
+            reader.on_arrival(None)
 
     def _record(self, result: Result) -> None:
         ref = self.take_back(result.chunk_id)
         if ref is None or not self.alive:
             return
-        self.scheduler.measured(ref.func.id, result.seconds)
-        self.wakeup.set()
+        scheduler = self.scheduler
+        scheduler.measured(ref.func.id, result.seconds)
+        if scheduler.pending:
+            self.wakeup.set()
+        elif len(self.in_flight) < self.slots:
+            scheduler.rebalance(self)
         status = result.status
         if status == OK:
             try:
@@ -655,6 +672,15 @@ class _Feed:
             self.scheduler.retry(ref, error)
         else:
             self.scheduler.complete(ref, False, BigpoolError(f"unknown result status {status}"))
+
+    def room(self, depth: int) -> int:
+        """How many more chunks of a function of ``depth`` this feed would take now.
+
+        Nothing waits behind a chunk that may be long, and a chunk that may be long waits
+        behind nothing: only quick chunks share a slot.
+        """
+        limit = self.slots if depth == 1 or self.blocking else self.slots * depth
+        return limit - len(self.in_flight)
 
     def take_back(self, chunk_id: int) -> _ChunkRef | None:
         """Forget the in-flight chunk ``chunk_id`` (answered, lost or reclaimed)."""
@@ -728,9 +754,21 @@ class _Scheduler:
         return max(2, min(MAX_DEPTH, 1 + math.ceil(QUEUED_SECONDS / max(t, 1e-6))))
 
     def _wake(self) -> None:
-        for feed in self.feeds:
+        """Wake the feeds with room, most room first, until they can take what is queued (a
+        feed woken for nothing costs a turn of the loop, per feed, per chunk added)."""
+        head = self.peek()
+        if head is None:
+            return
+        depth = self.depth(head.func.id)
+        remaining = len(self.pending)
+        for feed in sorted(self.feeds, key=lambda f: len(f.in_flight)):
             if feed.ready:
-                feed.wakeup.set()
+                room = feed.room(depth)
+                if room > 0:
+                    feed.wakeup.set()
+                    remaining -= room
+                    if remaining <= 0:
+                        return
 
     def rebalance(self, idle: _Feed) -> None:
         """``idle`` has free slots and nothing is queued here: take back work that another

@@ -415,21 +415,35 @@ class PoolWorkerService:
         """
         decoder = ChunkDecoder()
         count = 0
-        while True:
-            data = await records.read_chunk()
-            if not data:
-                break
-            if self._closed or self._loop is None:
-                raise RuntimeError("the pool workers are shut down" if self._closed
-                                   else "the service was not started (init was not called)")
-            chunks = decoder.feed(data)
-            for chunk in chunks:
-                self._accept(chunk)
-            count += len(chunks)
-            self._dispatch()
-        if decoder.partial:
-            raise ValueError("the chunk stream ended inside a record")
-        return count
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def drain() -> None:  # in the connection's callback: no turn of the loop per record
+            nonlocal count
+            if done.done():
+                return
+            try:
+                while (data := records.read_chunk_nowait()) is not None:
+                    if not data:
+                        if decoder.partial:
+                            raise ValueError("the chunk stream ended inside a record")
+                        done.set_result(count)
+                        return
+                    if self._closed or self._loop is None:
+                        raise RuntimeError("the pool workers are shut down" if self._closed else
+                                           "the service was not started (init was not called)")
+                    chunks = decoder.feed(data)
+                    for chunk in chunks:
+                        self._accept(chunk)
+                    count += len(chunks)
+                    self._dispatch()
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        records.on_arrival(drain)
+        try:
+            return await done
+        finally:
+            records.on_arrival(None)
 
     async def results(self, _: object = None) -> AsyncIterator[Buffer]:
         """The stream of result records (see the module docstring), as chunks complete.

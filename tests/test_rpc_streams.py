@@ -16,7 +16,9 @@ from bigpool.h2rpc import (
     StreamBrokenError,
     StreamReader,
     SyncStreamReader,
+    wire,
 )
+from bigpool.h2rpc.connection import InboundStream
 
 DEADLINE = 10.0
 MiB = 1024 * 1024
@@ -399,3 +401,85 @@ async def test_argument_generator_failing_midway_reaches_thread_reader(make_rpc:
         await rpc.call("T.consume", bad_arg(), timeout=DEADLINE)
     assert await asyncio.to_thread(failed.wait, DEADLINE)
     assert isinstance(seen[0], StreamBrokenError), repr(seen[0])
+
+
+async def _collect_by_callback(reader: StreamReader) -> tuple[bytes, int]:
+    """Read a whole stream through on_arrival/read_chunk_nowait; (body, calls that found
+    nothing new)."""
+    done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    parts: list[bytes] = []
+    empty = 0
+
+    def on_arrival() -> None:
+        nonlocal empty
+        if done.done():
+            return
+        try:
+            got = False
+            while (chunk := reader.read_chunk_nowait()) is not None:
+                got = True
+                if not chunk:
+                    done.set_result(b"".join(parts))
+                    return
+                parts.append(chunk)
+            empty += not got
+        except Exception as exc:
+            done.set_exception(exc)
+
+    reader.on_arrival(on_arrival)
+    try:
+        body = await asyncio.wait_for(done, DEADLINE)
+    finally:
+        reader.on_arrival(None)
+    return body, empty
+
+
+async def test_on_arrival_hands_over_every_chunk_and_the_end(make_rpc: Any) -> None:
+    rpc = await make_rpc({"S": Streams()})
+    reader = await rpc.call("S.reply_generator", 30, timeout=DEADLINE)
+    async with reader:
+        body, _ = await _collect_by_callback(reader)
+        assert body == expected(30)
+        assert reader.at_eof and reader.read_chunk_nowait() == b""
+
+
+async def test_on_arrival_after_data_arrived_still_fires(make_rpc: Any) -> None:
+    rpc = await make_rpc({"S": Streams()})
+    reader = await rpc.call("S.reply_generator", 3, timeout=DEADLINE)
+    async with reader:
+        first = await asyncio.wait_for(reader.read_chunk(), DEADLINE)
+        # Let the rest arrive with no callback set: on_arrival must still report it.
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while not reader._stream.has_news():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        rest, _ = await _collect_by_callback(reader)
+        assert first + rest == expected(3)
+
+
+async def test_on_arrival_reports_a_broken_stream(make_rpc: Any) -> None:
+    rpc = await make_rpc({"S": Streams()})
+    reader = await rpc.call("S.reply_endless", timeout=DEADLINE)
+    async with reader:
+        assert await asyncio.wait_for(reader.read_chunk(), DEADLINE)
+        rpc.client.disconnect(rpc.addr)
+        with pytest.raises((StreamBrokenError, NetworkError)):
+            await _collect_by_callback(reader)
+
+
+def test_read_chunk_nowait_is_none_until_something_arrives() -> None:
+    class Conn:
+        acked = 0
+
+        def ack(self, stream_id: int, length: int) -> None:
+            Conn.acked += length
+
+    stream = InboundStream(Conn(), 1)  # type: ignore[arg-type]
+    reader = StreamReader(stream, "test")
+    assert reader.read_chunk_nowait() is None
+    stream.feed(b"abc", 3)
+    assert reader.read_chunk_nowait() == b"abc" and Conn.acked == 3
+    assert reader.read_chunk_nowait() is None
+    stream.trailers = wire.ok_trailers()
+    stream.end()
+    assert reader.read_chunk_nowait() == b""

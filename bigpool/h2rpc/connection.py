@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import h2.config
@@ -87,6 +89,7 @@ _FRAME_HEADER = struct.Struct(">HBBBL")
 _DATA_FRAME_TYPE = 0x0
 _END_STREAM_FLAG = 0x1
 _PADDED_FLAG = 0x8
+_log = logging.getLogger("bigpool.h2rpc")
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -247,6 +250,7 @@ class InboundStream:
         "error",
         "headers",
         "id",
+        "listener",
         "local_closed",
         "reset_code",
         "trailers",
@@ -263,6 +267,8 @@ class InboundStream:
         self.reset_code: int | None = None
         self.error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # Called (on the loop, synchronously) whenever something new arrives; see StreamReader.
+        self.listener: Callable[[], None] | None = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -270,6 +276,20 @@ class InboundStream:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        self.notify()
+
+    def notify(self) -> None:
+        """Call the listener, if any (what it raises is logged, not propagated)."""
+        listener = self.listener
+        if listener is not None:
+            try:
+                listener()
+            except Exception:
+                _log.exception("a stream listener failed")
+
+    def has_news(self) -> bool:
+        """Whether a reader would find something now: a chunk, the end or a failure."""
+        return bool(self._chunks) or self.ended or self.error is not None
 
     def feed(self, data: bytes, flow_controlled_length: int) -> None:
         if self.error is not None:
@@ -322,6 +342,22 @@ class InboundStream:
             if self.ended:
                 return b""
             await self.wait()
+
+    def read_chunk_nowait(self) -> bytes | None:
+        """The next chunk if one has arrived, ``b""`` once the body has ended, else ``None``.
+
+        Raises the stream's error if it failed before its end.
+        """
+        while self._chunks:
+            data, length = self._chunks.popleft()
+            self.conn.ack(self.id, length)
+            if data:
+                return data
+        if self.error is not None:
+            raise self.error
+        if self.ended:
+            return b""
+        return None
 
     async def read_all(self, limit: int) -> bytes:
         """The whole body; :class:`ProtocolError` if it exceeds ``limit`` bytes."""

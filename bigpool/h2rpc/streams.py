@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import StreamBrokenError
@@ -53,24 +53,32 @@ class StreamReader:
 
     async def read_chunk(self) -> bytes:
         """The next chunk as it arrived, or ``b""`` at the end of a complete stream."""
+        while True:
+            chunk = self.read_chunk_nowait()
+            if chunk is not None:
+                return chunk
+            try:
+                await self._stream.wait()
+            except Exception as exc:  # the connection went away while waiting
+                raise self._broken(exc) from exc
+
+    def read_chunk_nowait(self) -> bytes | None:
+        """The next chunk if one has arrived, ``b""`` at the end of a complete stream, or
+        ``None`` when nothing has arrived yet (see :meth:`on_arrival`)."""
         if self._offset < len(self._buffer):
-            chunk = self._buffer[self._offset :]
+            rest = self._buffer[self._offset :]
             self._buffer, self._offset = b"", 0
-            return chunk
+            return rest
         if self._done:
             return b""
         if self._closed:
             raise ValueError("read from a closed StreamReader")
         try:
-            chunk = await self._stream.read_chunk()
-        except StreamBrokenError as exc:
-            raise StreamBrokenError(
-                f"{self._description} broke after {self.bytes_read} bytes: {exc}"
-            ) from exc
+            chunk = self._stream.read_chunk_nowait()
         except Exception as exc:
-            raise StreamBrokenError(
-                f"{self._description} broke after {self.bytes_read} bytes: {exc}"
-            ) from exc
+            raise self._broken(exc) from exc
+        if chunk is None:
+            return None
         if not chunk:
             self._done = True
             error = stream_trailer_error(self._stream.trailers)
@@ -82,6 +90,22 @@ class StreamReader:
             return b""
         self.bytes_read += len(chunk)
         return chunk
+
+    def _broken(self, exc: Exception) -> StreamBrokenError:
+        return StreamBrokenError(f"{self._description} broke after {self.bytes_read} bytes: {exc}")
+
+    def on_arrival(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback()`` on the event loop, at once, whenever data, the end or a failure
+        arrives (``None`` stops it); it reads with :meth:`read_chunk_nowait`.
+
+        For a consumer that must not wait a turn of the event loop per chunk. If something has
+        already arrived, ``callback`` is also called soon after this. The callback should not
+        raise: what it raises is logged and dropped.
+        """
+        stream = self._stream
+        stream.listener = callback
+        if callback is not None and (self._offset < len(self._buffer) or stream.has_news()):
+            stream.conn.loop.call_soon(stream.notify)
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (fewer only at the end), or everything left when ``n < 0``."""
