@@ -66,9 +66,11 @@ from .pool_wire import (
     Buffer,
     Chunk,
     LRUTable,
+    Pieces,
     Result,
     ResultDecoder,
     encode_chunk,
+    payload_bytes,
 )
 from .systems import System
 from .worker import (
@@ -95,6 +97,11 @@ IMAP_WINDOW_PER_SLOT = 64
 MAX_BATCH = 1024
 # How long the pool waits for a machine to stop its worker processes at shutdown.
 WORKER_STOP_TIMEOUT = 10.0
+# A chunk whose arguments pickle to at least this much keeps its tasks, not their pickle, while
+# it waits to be sent (memory, and fresh pages that cost more than pickling again).
+REPICKLE_FROM = 1024 * 1024
+# A result at least this large that arrives in several pieces is unpickled from the pieces.
+PIECES_FROM = 256 * 1024
 # How long a lost machine's chunks wait for its system to say how it died (retries wait too).
 LOSS_DIAGNOSIS_WAIT = 2.0
 # Seconds over which the status page's throughput is averaged: long enough to smooth bursts of
@@ -196,17 +203,23 @@ class _EncodeError(Exception):
 
 
 class _ChunkRef:
-    """One chunk of a job as the scheduler sees it."""
+    """One chunk of a job as the scheduler sees it.
+
+    ``args`` is the pickle of its tasks, or ``None`` for a large one (see
+    :data:`REPICKLE_FROM`): those keep ``tasks`` and are pickled again when sent.
+    """
 
     __slots__ = ("args", "args_dill", "attempts", "blocking", "chunk_id", "func", "index", "job",
-                 "ntasks", "star")
+                 "ntasks", "star", "tasks")
 
-    def __init__(self, job: _Job, index: int, func: _Function, args: bytes, args_dill: bool,
-                 ntasks: int, star: bool, chunk_id: int) -> None:
+    def __init__(self, job: _Job, index: int, func: _Function, args: bytes | None,
+                 args_dill: bool, ntasks: int, star: bool, chunk_id: int,
+                 tasks: list[Any] | None = None) -> None:
         self.job = job
         self.index = index
         self.func = func
         self.args = args
+        self.tasks = tasks
         self.args_dill = args_dill
         self.ntasks = ntasks
         self.star = star
@@ -488,6 +501,15 @@ class _FutureJob(_Job):
             self.deliver(0, False, exc)
 
 
+def _load_payload(result: Result) -> Any:
+    """Unpickle an OK result's payload (straight from its pieces if it arrived in several)."""
+    payload = result.payload
+    if isinstance(payload, Pieces):
+        unpickler = dill.Unpickler if result.payload_dill else pickle.Unpickler
+        return unpickler(payload.reader()).load()
+    return dill.loads(payload) if result.payload_dill else pickle.loads(payload)
+
+
 # scheduling (runs on B's event loop) -------------------------------------------------------------
 
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
@@ -584,6 +606,13 @@ class _Feed:
             assert ref is not None
             if not ref.job.start():
                 continue
+            args = ref.args
+            if args is None:
+                try:
+                    args, ref.args_dill = pickle_value(ref.tasks)
+                except Exception as exc:  # pickled once already: the tasks changed since
+                    scheduler.complete(ref, False, exc)
+                    continue
             ref.blocking = depth == 1
             self.blocking += ref.blocking
             self.in_flight[ref.chunk_id] = ref
@@ -592,7 +621,7 @@ class _Feed:
             if self.sent_functions.touch(fid) is None:
                 self.sent_functions.put(fid, True)
                 func = ref.func.data
-            for part in encode_chunk(Chunk(ref.chunk_id, fid, func, ref.args, ref.star,
+            for part in encode_chunk(Chunk(ref.chunk_id, fid, func, args, ref.star,
                                            ref.args_dill)):
                 if len(part) < INLINE_LIMIT:
                     small.append(part)
@@ -610,7 +639,7 @@ class _Feed:
         """Handle result records as their bytes arrive (in the connection's own callback: a
         result costs no turn of the event loop), until the stream ends or breaks."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        decoder = ResultDecoder()
+        decoder = ResultDecoder(pieces_from=PIECES_FROM)
 
         def drain() -> None:
             if done.done():
@@ -647,14 +676,13 @@ class _Feed:
         status = result.status
         if status == OK:
             try:
-                value = (dill.loads(result.payload) if result.payload_dill
-                         else pickle.loads(result.payload))
+                value = _load_payload(result)
             except Exception as exc:
                 self.scheduler.complete(ref, False, exc)
                 return
             self.scheduler.complete(ref, True, value)
         elif status == TASK_ERROR:
-            self.scheduler.complete(ref, False, decode_error(bytes(result.payload)))
+            self.scheduler.complete(ref, False, decode_error(bytes(payload_bytes(result))))
         elif status == ENCODE_ERROR:
             exc_text, value_text = result_details(result)
             self.scheduler.complete(ref, False, ref.job.encoding_error(exc_text, value_text))
@@ -1107,6 +1135,11 @@ class BigPool:
         except Exception as exc:
             _note(exc, "bigpool: a task's arguments cannot be pickled to send to machines")
             raise
+        if len(args) >= REPICKLE_FROM:
+            # Pickled here so that an error is the caller's at once; pickled again when sent,
+            # so a map over large objects holds no second copy of each until its turn.
+            return _ChunkRef(job, index, func, None, args_dill, len(tasks), star,
+                             next(self._chunk_ids), tasks)
         return _ChunkRef(job, index, func, args, args_dill, len(tasks), star,
                          next(self._chunk_ids))
 

@@ -41,6 +41,8 @@ __all__ = [
     "Chunk",
     "ChunkDecoder",
     "LRUTable",
+    "Pieces",
+    "PiecesReader",
     "RecordAssembler",
     "RecordError",
     "Result",
@@ -49,6 +51,7 @@ __all__ = [
     "decode_result",
     "encode_chunk",
     "encode_result",
+    "payload_bytes",
 ]
 
 LENGTH = struct.Struct(">I")
@@ -99,7 +102,7 @@ class Result:
 
     chunk_id: int
     status: int
-    payload: Buffer
+    payload: Buffer | Pieces
     pid: int | None
     seconds: float
     payload_dill: bool = True
@@ -180,25 +183,127 @@ def decode_chunk(body: memoryview) -> Chunk:
 
 def encode_result(result: Result) -> list[Buffer]:
     """The buffers of ``result``'s record, to be written in order (a large payload uncopied)."""
-    size = RESULT_HEADER.size + len(result.payload)
+    payload = bytes(result.payload) if isinstance(result.payload, Pieces) else result.payload
+    size = RESULT_HEADER.size + len(payload)
     if size > MAX_RECORD:
         raise ValueError(f"a result of {size} bytes is larger than a record may be ({MAX_RECORD})")
     head = LENGTH.pack(size) + RESULT_HEADER.pack(
         result.chunk_id, result.status, FLAG_DILL if result.payload_dill else 0,
         -1 if result.pid is None else result.pid, result.seconds,
     )
-    if len(result.payload) < INLINE_LIMIT:
-        return [head + result.payload]
-    return [head, result.payload]
+    if len(payload) < INLINE_LIMIT:
+        return [head + payload]
+    return [head, payload]
 
 
-def decode_result(body: memoryview) -> Result:
+def payload_bytes(result: Result) -> Buffer:
+    """``result``'s payload as one buffer (joined, if it is :class:`Pieces`)."""
+    return bytes(result.payload) if isinstance(result.payload, Pieces) else result.payload
+
+
+def decode_result(body: memoryview | Pieces) -> Result:
     """The result in a record's ``body`` (its length prefix removed). Raises RecordError."""
     if len(body) < RESULT_HEADER.size:
         raise RecordError(f"a result record of {len(body)} bytes is shorter than its header")
-    chunk_id, status, flags, pid, seconds = RESULT_HEADER.unpack_from(body)
-    return Result(chunk_id, status, body[RESULT_HEADER.size :], None if pid < 0 else pid,
-                  seconds, bool(flags & FLAG_DILL))
+    if isinstance(body, Pieces):
+        head: Buffer = body.prefix(RESULT_HEADER.size)
+        payload: Buffer | Pieces = body.after(RESULT_HEADER.size)
+    else:
+        head, payload = body, body[RESULT_HEADER.size :]
+    chunk_id, status, flags, pid, seconds = RESULT_HEADER.unpack_from(head)
+    return Result(chunk_id, status, payload, None if pid < 0 else pid, seconds,
+                  bool(flags & FLAG_DILL))
+
+
+class Pieces:
+    """A record body kept as the pieces it arrived in, uncopied; :meth:`reader` reads it.
+
+    A large result is unpickled straight from its pieces: the unpickler reads a large
+    ``bytes`` value with one ``readinto`` into the new object, so the body is never gathered
+    into one buffer first (a copy, and as much memory again, per result).
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = parts
+        self.size = sum(len(part) for part in parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def prefix(self, n: int) -> bytes:
+        """The first ``n`` bytes (fewer if the body is shorter)."""
+        out = bytearray()
+        for part in self.parts:
+            if len(out) >= n:
+                break
+            out += part[: n - len(out)]
+        return bytes(out)
+
+    def after(self, offset: int) -> Pieces:
+        """The body from ``offset`` on, still uncopied."""
+        parts = []
+        for part in self.parts:
+            if offset >= len(part):
+                offset -= len(part)
+                continue
+            parts.append(part[offset:] if offset else part)
+            offset = 0
+        return Pieces(parts)
+
+    def reader(self) -> PiecesReader:
+        return PiecesReader(self.parts)
+
+
+class PiecesReader:
+    """A binary file over :class:`Pieces`: ``read``, ``readinto`` and ``readline``, as
+    :class:`pickle.Unpickler` needs."""
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self._parts = parts
+        self._index = 0
+        self._offset = 0
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target) and self._index < len(self._parts):
+            part = self._parts[self._index]
+            take = min(len(part) - self._offset, len(target) - filled)
+            target[filled : filled + take] = part[self._offset : self._offset + take]
+            filled += take
+            self._offset += take
+            if self._offset == len(part):
+                self._index += 1
+                self._offset = 0
+        return filled
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = sum(len(p) for p in self._parts[self._index :]) - self._offset
+        out = bytearray(n)
+        return bytes(out[: self.readinto(out)])
+
+    def readline(self) -> bytes:
+        out = bytearray()
+        while self._index < len(self._parts):
+            part = self._parts[self._index]
+            while self._offset < len(part):
+                window = bytes(part[self._offset : self._offset + 65536])
+                newline = window.find(b"\n")
+                if newline >= 0:
+                    out += window[: newline + 1]
+                    self._offset += newline + 1
+                    return bytes(out)
+                out += window
+                self._offset += len(window)
+            self._index += 1
+            self._offset = 0
+        return bytes(out)
 
 
 class RecordAssembler:
@@ -206,12 +311,17 @@ class RecordAssembler:
     the body that follows (by default ``>I``, the length alone), then the body.
 
     Small records are returned as views of the data fed (no copy); a record split across
-    feeds is gathered into one buffer allocated at its full size when its length is known.
+    feeds is gathered into one buffer allocated at its full size when its length is known, or,
+    if it is at least ``pieces_from`` bytes long, returned as :class:`Pieces` (views of the
+    data fed, which must then not change).
     """
 
-    def __init__(self, max_record: int = MAX_RECORD, header: struct.Struct = LENGTH) -> None:
+    def __init__(self, max_record: int = MAX_RECORD, header: struct.Struct = LENGTH,
+                 pieces_from: int | None = None) -> None:
         self.max_record = max_record
         self.header = header
+        self.pieces_from = pieces_from
+        self._parts: list[memoryview] | None = None  # a large record's pieces so far
         self._head = bytearray()  # a header not yet complete
         self._fields: tuple[Any, ...] = ()  # the header of the record being filled
         self._body: bytearray | None = None  # the record being filled
@@ -220,11 +330,20 @@ class RecordAssembler:
     @property
     def partial(self) -> bool:
         """Whether a record has started and not ended."""
-        return bool(self._head) or self._body is not None
+        return bool(self._head) or self._body is not None or self._parts is not None
 
     def feed(self, data: Buffer) -> list[tuple[tuple[Any, ...], memoryview]]:
-        """The records completed by ``data``, in order: (header fields, body) each."""
-        out: list[tuple[tuple[Any, ...], memoryview]] = []
+        """The records completed by ``data``, in order: (header fields, body) each. For an
+        assembler without ``pieces_from``."""
+        if self.pieces_from is not None:
+            raise TypeError("an assembler with pieces_from is read with feed_pieces")
+        return [(fields, body) for fields, body in self.feed_pieces(data)
+                if isinstance(body, memoryview)]
+
+    def feed_pieces(self, data: Buffer) -> list[tuple[tuple[Any, ...], memoryview | Pieces]]:
+        """The records completed by ``data``, in order: (header fields, body) each, a large
+        body as :class:`Pieces`."""
+        out: list[tuple[tuple[Any, ...], memoryview | Pieces]] = []
         header = self.header
         hsize = header.size
         view = memoryview(data)
@@ -233,6 +352,15 @@ class RecordAssembler:
         pos = 0
         end = len(view)
         while pos < end:
+            if self._parts is not None:
+                take = min(self._filled, end - pos)  # _filled counts what is still missing
+                self._parts.append(view[pos : pos + take])
+                self._filled -= take
+                pos += take
+                if not self._filled:
+                    out.append((self._fields, Pieces(self._parts)))
+                    self._parts = None
+                continue
             if self._body is not None:
                 take = min(len(self._body) - self._filled, end - pos)
                 self._body[self._filled : self._filled + take] = view[pos : pos + take]
@@ -260,6 +388,10 @@ class RecordAssembler:
             if size <= end - pos:
                 out.append((fields, view[pos : pos + size]))
                 pos += size
+            elif self.pieces_from is not None and size >= self.pieces_from:
+                self._fields = fields
+                self._parts = []
+                self._filled = size
             else:
                 self._fields = fields
                 self._body = bytearray(size)
@@ -284,10 +416,11 @@ class ChunkDecoder:
 
 
 class ResultDecoder:
-    """Results from the bytes of a ``results`` stream, as they arrive."""
+    """Results from the bytes of a ``results`` stream, as they arrive; a result of at least
+    ``pieces_from`` bytes that spans several feeds keeps its payload as :class:`Pieces`."""
 
-    def __init__(self, max_record: int = MAX_RECORD) -> None:
-        self._records = RecordAssembler(max_record)
+    def __init__(self, max_record: int = MAX_RECORD, pieces_from: int | None = None) -> None:
+        self._records = RecordAssembler(max_record, pieces_from=pieces_from)
 
     @property
     def partial(self) -> bool:
@@ -296,4 +429,4 @@ class ResultDecoder:
 
     def feed(self, data: Buffer) -> list[Result]:
         """The results whose records ``data`` completes. Raises :class:`RecordError`."""
-        return [decode_result(body) for _, body in self._records.feed(data)]
+        return [decode_result(body) for _, body in self._records.feed_pieces(data)]

@@ -71,6 +71,7 @@ from .pool_wire import (
     Result,
     encode_chunk,
     encode_result,
+    payload_bytes,
 )
 
 __all__ = [
@@ -122,7 +123,7 @@ def _record(chunk_id: int, status: int, payload: bytes, pid: int | None, seconds
 
 def result_details(result: Result) -> Any:
     """The payload of an :data:`ENCODE_ERROR` or :data:`WORKER_DIED` record, unpickled."""
-    return pickle.loads(result.payload)
+    return pickle.loads(payload_bytes(result))
 
 
 def _oom_kill_count() -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 import struct
 
 import pytest
@@ -14,12 +15,14 @@ from bigpool.pool_wire import (
     Chunk,
     ChunkDecoder,
     LRUTable,
+    Pieces,
     RecordAssembler,
     RecordError,
     Result,
     ResultDecoder,
     encode_chunk,
     encode_result,
+    payload_bytes,
 )
 
 
@@ -118,3 +121,35 @@ def test_lru_table_drops_the_least_recently_used() -> None:
     table.put("c", 3)
     assert "b" not in table and table.touch("a") == 1 and table.touch("c") == 3
     assert table.touch("b") is None and len(table) == 2
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_a_large_result_in_pieces_unpickles_straight_from_them(protocol: int) -> None:
+    value = [bytes(range(256)) * 4096, "text\nwith newline", 12345, {"k": (1.5, None)}]
+    payload = pickle.dumps(value, protocol=protocol)
+    record = b"".join(bytes(p) for p in encode_result(Result(9, 0, payload, 77, 0.5, False)))
+    decoder = ResultDecoder(pieces_from=64 * 1024)
+    results = []
+    for start in range(0, len(record), 100_000):  # arrives in pieces
+        results += decoder.feed(record[start : start + 100_000])
+    (result,) = results
+    assert isinstance(result.payload, Pieces)
+    assert (result.chunk_id, result.pid, result.seconds) == (9, 77, 0.5)
+    assert payload_bytes(result) == payload
+    assert pickle.Unpickler(result.payload.reader()).load() == value
+
+
+def test_a_small_or_whole_result_is_a_plain_view() -> None:
+    record = b"".join(bytes(p) for p in encode_result(Result(1, 0, b"x" * 1000, 1, 0.0)))
+    decoder = ResultDecoder(pieces_from=64 * 1024)
+    (result,) = decoder.feed(record[:10]) + decoder.feed(record[10:])
+    assert isinstance(result.payload, memoryview) and bytes(result.payload) == b"x" * 1000
+
+
+def test_pieces_reader_reads_lines_and_runs() -> None:
+    reader = Pieces([memoryview(b"ab\ncd"), memoryview(b"e\nf")]).after(1).reader()
+    assert reader.readline() == b"b\n"
+    assert reader.readline() == b"cde\n"
+    buffer = bytearray(5)
+    assert reader.readinto(buffer) == 1 and buffer[:1] == b"f"
+    assert reader.read() == b""

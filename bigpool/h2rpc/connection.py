@@ -85,11 +85,29 @@ hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[me
 # A DATA frame whose payload is at least this big is handed to the transport as the payload
 # object itself (see _H2Connection); smaller frames are serialised and coalesced.
 ZERO_COPY_DATA_BYTES = 16 * 1024
+# What one read from the transport may bring (asyncio's TLS layer reads up to 256 KiB).
+READ_BUFFER_BYTES = 256 * 1024
 _FRAME_HEADER = struct.Struct(">HBBBL")
 _DATA_FRAME_TYPE = 0x0
 _END_STREAM_FLAG = 0x1
 _PADDED_FLAG = 0x8
 _log = logging.getLogger("bigpool.h2rpc")
+
+
+class _Slice:
+    """A slice of a larger body, wrapped so that h2 keeps it as it is (h2 copies a
+    ``memoryview`` with ``tobytes``); :meth:`_H2Connection._prepare_for_sending` unwraps it."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.view[index]
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -106,14 +124,16 @@ class _H2Connection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
 
     def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
         for frame in frames:
-            data = getattr(frame, "data", None)
+            data: Any = getattr(frame, "data", None)
+            if type(data) is _Slice:
+                data = data.view  # only ever large and unpadded: see H2Connection.send_data
             if (
                 type(frame) is hyperframe.frame.DataFrame
-                and type(data) is bytes
+                and type(data) in (bytes, memoryview)
                 and len(data) >= ZERO_COPY_DATA_BYTES
                 and not frame.pad_length
                 and "PADDED" not in frame.flags
@@ -154,7 +174,7 @@ class _H2Connection(h2.connection.H2Connection):
             self._closed_streams[stream_id] = stream.closed_by
         return count
 
-    def chunks_to_send(self) -> list[bytes]:
+    def chunks_to_send(self) -> list[bytes | memoryview]:
         """Everything queued to send, in order, as a list of byte strings (taken, not copied)."""
         chunks = self._chunks
         if self._data_to_send:
@@ -379,8 +399,12 @@ class InboundStream:
             self.conn.ack(self.id, length)
 
 
-class H2Connection(asyncio.Protocol):
-    """An HTTP/2 connection over an asyncio transport; subclasses handle stream events."""
+class H2Connection(asyncio.BufferedProtocol):
+    """An HTTP/2 connection over an asyncio transport; subclasses handle stream events.
+
+    A buffered protocol: the transport (TLS included) decrypts or reads straight into one
+    reused buffer, rather than into a new ``bytes`` object per read that is then joined.
+    """
 
     def __init__(self, *, client_side: bool, max_concurrent_streams: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -396,8 +420,15 @@ class H2Connection(asyncio.Protocol):
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
         self.closed_event = asyncio.Event()
         self.peer: Any = None
+        self._read_view = memoryview(bytearray(READ_BUFFER_BYTES))
 
     # asyncio.Protocol -------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_view[:nbytes])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -420,7 +451,7 @@ class H2Connection(asyncio.Protocol):
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._write_paused and self._backlog_exceeded():
             return
         try:
@@ -584,8 +615,15 @@ class H2Connection(asyncio.Protocol):
                 await self._wait_window(stream_id)
                 continue
             last = end_stream and sent + size == total
-            # Whole bytes go to h2 as they are (h2 copies a memoryview; see _H2Connection).
-            piece = data if size == total and type(data) is bytes else view[sent : sent + size]
+            # Whole bytes go to h2 as they are; a large slice goes wrapped, so h2 does not copy
+            # it (see _Slice); a small one as a memoryview, which h2 copies.
+            piece: Any
+            if size == total and type(data) is bytes:
+                piece = data
+            elif size >= ZERO_COPY_DATA_BYTES:
+                piece = _Slice(view[sent : sent + size])
+            else:
+                piece = view[sent : sent + size]
             try:
                 self.h2.send_data(stream_id, piece, end_stream=last)
             except h2.exceptions.StreamClosedError:

@@ -389,7 +389,7 @@ class ServerConnection(H2Connection):
         self.server._connections.add(self)
         super().connection_made(transport)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self._started_calls = False
         super().data_received(data)
         if self._started_calls:
