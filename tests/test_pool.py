@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 from pool_support import wait_until
 
 from bigpool import BigPool, KeepaliveConfig, PoolTerminatedError, State, TaskLostError
-from bigpool.pool import IMAP_WINDOW_PER_SLOT
+from bigpool.pool import IMAP_WINDOW_PER_SLOT, REPICKLE_FROM
 from bigpool.pool_wire import MACHINE_FUNCTIONS
 from bigpool.systems.local import LocalSystem
 from bigpool.systems.test import TestSystem
@@ -159,3 +160,25 @@ def test_ever_new_functions_are_held_in_bounded_tables_and_resent_when_forgotten
         # The first functions were forgotten everywhere since; they are sent again and run.
         assert [pool.apply(f, (1,)) for f in functions[:3]] == [1, 2, 3]
         assert pool.map(functions[0], range(5), chunksize=1) == [0, 1, 2, 3, 4]
+
+
+def digest_of(data: bytes) -> str:
+    time.sleep(0.02)  # long enough that a killed machine is holding some of them
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_large_arguments_are_pickled_again_when_sent_and_again_on_retry() -> None:
+    # Each argument pickles to more than REPICKLE_FROM: the driver keeps the tasks, not their
+    # pickles, and pickles a chunk when it sends it, once more if its machine is lost.
+    blobs = [bytes([i]) * (REPICKLE_FROM + 1000) for i in range(24)]
+    system = TestSystem(keepalive=FAST_KEEPALIVE)
+    with BigPool(3, system=system) as pool:
+        victim = pool.machines[0]
+        results: list[tuple[int, str]] = []
+        for i, digest in enumerate(pool.imap(digest_of, blobs, chunksize=1)):
+            results.append((i, digest))
+            if i == 3:
+                system.kill(victim)
+        assert results == [(i, hashlib.sha256(b).hexdigest()) for i, b in enumerate(blobs)]
+        assert pool._scheduler.tasks_retried > 0  # the victim held some: they were re-sent
+        assert pool.map(len, blobs[:4]) == [REPICKLE_FROM + 1000] * 4
