@@ -59,9 +59,13 @@ def _serve(listener: socket.socket, tls: bool, worker_hop: bool, authority: Auth
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
         if os.fork() == 0:
+            os.close(to_worker_w)  # else this worker would never see its input end
+            os.close(from_worker_r)
             while data := os.read(to_worker_r, 65536):
                 os.write(from_worker_w, data)
             os._exit(0)
+        os.close(to_worker_r)
+        os.close(from_worker_w)
     while data := conn.recv(65536):
         if worker_hop:
             os.write(to_worker_w, data)
