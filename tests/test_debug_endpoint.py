@@ -294,6 +294,13 @@ def test_debug_address_from_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> Non
     args = parser.parse_args(["--bigpool-system", "test", "--bigpool-debug", ":0"])
     with bigpool.start(args=args) as b:
         assert b.debug_url is not None and b.debug_url.startswith("http://127.0.0.1:")
+        # Bound on loopback only (no host given), as the socket itself says.
+        port = int(b.debug_url.rsplit(":", 1)[1].split("/")[0])
+        me = psutil.Process()
+        connections = getattr(me, "net_connections", None) or me.connections  # psutil < 6
+        listening = [c.laddr for c in connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
         status, body, _ = get(f"{b.debug_url}/debug/bigmachine/status?format=json")
         assert status == 200 and json.loads(body)["machines"] == []
         server_thread = b._debug._thread  # type: ignore[union-attr]
