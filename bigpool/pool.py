@@ -70,7 +70,6 @@ from .pool_wire import (
     Result,
     ResultDecoder,
     encode_chunk,
-    payload_bytes,
 )
 from .systems import System
 from .worker import (
@@ -682,7 +681,7 @@ class _Feed:
                 return
             self.scheduler.complete(ref, True, value)
         elif status == TASK_ERROR:
-            self.scheduler.complete(ref, False, decode_error(bytes(payload_bytes(result))))
+            self.scheduler.complete(ref, False, decode_error(bytes(result.payload)))
         elif status == ENCODE_ERROR:
             exc_text, value_text = result_details(result)
             self.scheduler.complete(ref, False, ref.job.encoding_error(exc_text, value_text))

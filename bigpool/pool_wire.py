@@ -31,7 +31,7 @@ from __future__ import annotations
 import collections
 import struct
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 __all__ = [
     "DRIVER_FUNCTIONS",
@@ -337,8 +337,8 @@ class RecordAssembler:
         assembler without ``pieces_from``."""
         if self.pieces_from is not None:
             raise TypeError("an assembler with pieces_from is read with feed_pieces")
-        return [(fields, body) for fields, body in self.feed_pieces(data)
-                if isinstance(body, memoryview)]
+        # Without pieces_from every body is a memoryview: no need to look at each.
+        return cast("list[tuple[tuple[Any, ...], memoryview]]", self.feed_pieces(data))
 
     def feed_pieces(self, data: Buffer) -> list[tuple[tuple[Any, ...], memoryview | Pieces]]:
         """The records completed by ``data``, in order: (header fields, body) each, a large

@@ -350,18 +350,9 @@ class InboundStream:
 
         Raises the stream's error if it failed before its end.
         """
-        while True:
-            if self._chunks:
-                data, length = self._chunks.popleft()
-                self.conn.ack(self.id, length)
-                if data:
-                    return data
-                continue
-            if self.error is not None:
-                raise self.error
-            if self.ended:
-                return b""
+        while (chunk := self.read_chunk_nowait()) is None:
             await self.wait()
+        return chunk
 
     def read_chunk_nowait(self) -> bytes | None:
         """The next chunk if one has arrived, ``b""`` once the body has ended, else ``None``.

@@ -53,14 +53,9 @@ class StreamReader:
 
     async def read_chunk(self) -> bytes:
         """The next chunk as it arrived, or ``b""`` at the end of a complete stream."""
-        while True:
-            chunk = self.read_chunk_nowait()
-            if chunk is not None:
-                return chunk
-            try:
-                await self._stream.wait()
-            except Exception as exc:  # the connection went away while waiting
-                raise self._broken(exc) from exc
+        while (chunk := self.read_chunk_nowait()) is None:
+            await self._stream.wait()
+        return chunk
 
     def read_chunk_nowait(self) -> bytes | None:
         """The next chunk if one has arrived, ``b""`` at the end of a complete stream, or
