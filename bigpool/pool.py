@@ -48,14 +48,14 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import dill
 
 from ._function_cache import pickle_function
 from ._malloc import tune_malloc
-from .h2rpc import BigpoolError, StreamReader
+from .h2rpc import BigpoolError, StreamReader, StreamWriter
 from .h2rpc.errors import decode_error
 from .h2rpc.wire import pickle_value
 from .machine import B, Machine, State
@@ -526,7 +526,8 @@ class _Feed:
         self.sent_functions: LRUTable[bytes, bool] = LRUTable(DRIVER_FUNCTIONS)
         self.alive = True
         self.ready = False
-        self.wakeup = asyncio.Event()
+        # The chunk records, on one streamed call for the pool's life; written to directly.
+        self.writer = StreamWriter()
         self.tasks: list[asyncio.Task[None]] = []
         self.stealing = False
         self.blocking = 0  # chunks in flight that may be long (see _send_loop)
@@ -546,6 +547,7 @@ class _Feed:
             self.ready = True
             sender = asyncio.get_running_loop().create_task(self._send_loop())
             self.tasks.append(sender)
+            self.pump()
             try:
                 await self._read_loop(reader)
             finally:
@@ -566,7 +568,7 @@ class _Feed:
     async def _send_loop(self) -> None:
         """Feed the machine on one streamed call for the pool's life (no round trip per batch)."""
         try:
-            await self.machine._call(f"{SERVICE_NAME}.submit_stream", self._chunk_records(), None)
+            await self.machine._call(f"{SERVICE_NAME}.submit_stream", self.writer, None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -576,17 +578,21 @@ class _Feed:
         self.scheduler.feed_lost(
             self, BigpoolError(f"machine {self.machine.addr} ended the chunk stream"))
 
-    async def _chunk_records(self) -> AsyncIterator[Buffer]:
-        while True:
-            parts = self._take_batch()
-            if not parts:
-                if len(self.in_flight) < self.slots:
-                    self.scheduler.rebalance(self)
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            for part in parts:
-                yield part
+    def pump(self) -> bool:
+        """Write the chunks this feed may take from the queue now to its machine's stream;
+        whether it took any. With none to take and a slot free, take back work queued on
+        another machine. The bytes go out at the end of the loop's turn (or at a flush)."""
+        if not self.ready or not self.alive:
+            return False
+        parts = self._take_batch()
+        if not parts:
+            if len(self.in_flight) < self.slots:
+                self.scheduler.rebalance(self)
+            return False
+        write = self.writer.write
+        for part in parts:
+            write(part)
+        return True
 
     def _take_batch(self) -> list[Buffer]:
         """The records of the chunks to send now (small ones joined), moved to in-flight."""
@@ -639,6 +645,7 @@ class _Feed:
         result costs no turn of the event loop), until the stream ends or breaks."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         decoder = ResultDecoder(pieces_from=PIECES_FROM)
+        measured = self.scheduler.measured
 
         def drain() -> None:
             if done.done():
@@ -651,8 +658,17 @@ class _Feed:
                                                "inside a record")
                         done.set_result(None)
                         return
+                    answered: list[tuple[_ChunkRef, Result]] = []
                     for result in decoder.feed(data):
-                        self._record(result)
+                        ref = self.take_back(result.chunk_id)
+                        if ref is not None:
+                            measured(ref.func.id, result.seconds)
+                            answered.append((ref, result))
+                    if not answered or not self.alive:
+                        continue
+                    self.pump()  # the freed room is refilled by one write per read
+                    for ref, result in answered:
+                        self._record(ref, result)
             except BaseException as exc:
                 done.set_exception(exc)
 
@@ -662,16 +678,8 @@ class _Feed:
         finally:
             reader.on_arrival(None)
 
-    def _record(self, result: Result) -> None:
-        ref = self.take_back(result.chunk_id)
-        if ref is None or not self.alive:
-            return
-        scheduler = self.scheduler
-        scheduler.measured(ref.func.id, result.seconds)
-        if scheduler.pending:
-            self.wakeup.set()
-        elif len(self.in_flight) < self.slots:
-            scheduler.rebalance(self)
+    def _record(self, ref: _ChunkRef, result: Result) -> None:
+        """Deliver the answer to the chunk ``ref`` (already taken back from in-flight)."""
         status = result.status
         if status == OK:
             try:
@@ -781,21 +789,17 @@ class _Scheduler:
         return max(2, min(MAX_DEPTH, 1 + math.ceil(QUEUED_SECONDS / max(t, 1e-6))))
 
     def _wake(self) -> None:
-        """Wake the feeds with room, most room first, until they can take what is queued (a
-        feed woken for nothing costs a turn of the loop, per feed, per chunk added)."""
-        head = self.peek()
-        if head is None:
+        """Let the feeds with room, most room first, take what is queued, and send it now."""
+        if not self.pending:
             return
-        depth = self.depth(head.func.id)
-        remaining = len(self.pending)
-        for feed in sorted(self.feeds, key=lambda f: len(f.in_flight)):
-            if feed.ready:
-                room = feed.room(depth)
-                if room > 0:
-                    feed.wakeup.set()
-                    remaining -= room
-                    if remaining <= 0:
-                        return
+        feeds = self.feeds
+        if len(feeds) > 1:
+            feeds = sorted(feeds, key=lambda f: len(f.in_flight))
+        for feed in feeds:
+            if feed.pump():
+                feed.writer.flush()
+            if not self.pending:
+                return
 
     def rebalance(self, idle: _Feed) -> None:
         """``idle`` has free slots and nothing is queued here: take back work that another

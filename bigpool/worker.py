@@ -10,8 +10,9 @@ takes the next one. Workers are ``python -m bigpool._worker_main`` subprocesses 
 of the machine, which has threads and an event loop), driven over private pipes from the
 machine's event loop without blocking it.
 
-Result records (the ``results`` stream) are :class:`bigpool.pool_wire.Result` records; one
-yielded buffer holds one or more whole records (or one large one). ``status`` and ``payload``:
+Result records (the ``results`` stream, a :class:`bigpool.h2rpc.StreamWriter` written to as
+chunks complete: the records one read of the workers' sockets brings go out together) are
+:class:`bigpool.pool_wire.Result` records. ``status`` and ``payload``:
 
 * :data:`OK`: the pickle (dill's when ``payload_dill``) of the chunk's list of results, made
   in the worker. The machine never unpickles user data.
@@ -42,7 +43,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from . import expvar
@@ -58,9 +58,10 @@ from ._worker_main import (
     TASK_ERROR,
     WORKER_DIED,
 )
-from .h2rpc import StreamReader
+from .h2rpc import StreamReader, StreamWriter
 from .h2rpc.errors import decode_error, encode_error
 from .pool_wire import (
+    INLINE_LIMIT,
     MACHINE_FUNCTIONS,
     WORKER_FUNCTIONS,
     Buffer,
@@ -96,9 +97,6 @@ START_TIMEOUT = 60.0
 TERMINATE_GRACE = 2.0
 # How often the service checks that its workers are alive (EOF on their pipe is the main way).
 POLL_SECONDS = 0.5
-# Largest batch of records one yield of the results stream carries (whole records; one
-# record larger than this goes alone).
-MAX_YIELD_BYTES = 1 << 20
 # A worker whose last chunk took less than this is sent its next chunk while it runs the
 # current one (one-deep prefetch), hiding the round trip for tiny chunks. Longer chunks are
 # sent one at a time, so a queued chunk never waits behind a long one while a worker idles.
@@ -231,6 +229,7 @@ class _ResultProtocol(asyncio.Protocol):
                 service._on_ready(worker, body)
             elif kind == MSG_EXPVARS:
                 service._on_expvars(worker, body)
+        service._send_records()
 
     def eof_received(self) -> bool | None:
         return None
@@ -313,8 +312,7 @@ class PoolWorkerService:
         # Seconds the last chunk of each function took here: decides what may be sent ahead.
         self._func_seconds: dict[bytes, float] = {}
         self._records: collections.deque[Buffer] = collections.deque()
-        self._wake: asyncio.Event | None = None
-        self._consumer = 0
+        self._writer: StreamWriter | None = None
         self._closed = False
         self._done = 0
         self._restarts = 0
@@ -348,7 +346,6 @@ class PoolWorkerService:
         :data:`START_TIMEOUT` seconds; the workers already started are then stopped.
         """
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         self._env = _worker_env()
         try:
             for _ in range(self.processes):
@@ -446,33 +443,41 @@ class PoolWorkerService:
         finally:
             records.on_arrival(None)
 
-    async def results(self, _: object = None) -> AsyncIterator[Buffer]:
+    async def results(self, _: object = None) -> StreamWriter:
         """The stream of result records (see the module docstring), as chunks complete.
 
         Records made before the stream is opened wait for it. There is one reader at a time:
         a new call takes over and the previous stream ends. The stream ends after
         :meth:`shutdown_workers`, once the records made before it are sent.
         """
-        self._consumer += 1
-        return self._stream(self._consumer)
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = StreamWriter()
+        self._send_records()
+        if self._closed:
+            self._writer.close()
+        return self._writer
 
-    async def _stream(self, token: int) -> AsyncIterator[Buffer]:
-        assert self._wake is not None
-        wake = self._wake
+    def _send_records(self) -> None:
+        """Write the records made since the last call to the results stream (small ones
+        joined, so a burst of results is one DATA frame); they wait if no stream is open."""
+        writer = self._writer
         records = self._records
-        while token == self._consumer:
-            if records:
-                parts = [records.popleft()]
-                size = len(parts[0])
-                while records and size + len(records[0]) <= MAX_YIELD_BYTES:
-                    size += len(records[0])
-                    parts.append(records.popleft())
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
+        if not records or writer is None or writer.closed or writer.failed is not None:
+            return
+        small: list[Buffer] = []
+        for record in records:
+            if len(record) < INLINE_LIMIT:
+                small.append(record)
                 continue
-            if self._closed:
-                return
-            wake.clear()
-            await wake.wait()
+            if small:
+                writer.write(small[0] if len(small) == 1 else b"".join(small))
+                small = []
+            writer.write(record)
+        if small:
+            writer.write(small[0] if len(small) == 1 else b"".join(small))
+        records.clear()
+        writer.flush()
 
     async def cancel(self, chunk_ids: list[int]) -> list[int]:
         """Drop the queued chunks among ``chunk_ids`` that no worker has started; their ids.
@@ -513,8 +518,9 @@ class PoolWorkerService:
         wait for them; queued chunks are dropped and the results stream ends. Idempotent."""
         self._closed = True
         self._queue.clear()
-        if self._wake is not None:
-            self._wake.set()
+        self._send_records()
+        if self._writer is not None:
+            self._writer.close()
         if self._monitor is not None:
             self._monitor.cancel()
         workers = list(self._all)
@@ -634,16 +640,17 @@ class PoolWorkerService:
         self._func_seconds[chunk.func_id] = w.last_seconds
         w.tasks_done += ntasks
         self._done += 1
-        self._emit(record)
+        self._emit(record, send=False)  # the protocol sends a read's records together
         if (self.maxtasksperchild is not None and w.tasks_done >= self.maxtasksperchild
                 and not w.retiring):
             self._retire(w)
         self._dispatch()
 
-    def _emit(self, record: Buffer) -> None:
+    def _emit(self, record: Buffer, *, send: bool = True) -> None:
+        """Queue a result record; ``send`` writes it out now (else the caller will)."""
         self._records.append(record)
-        if self._wake is not None:
-            self._wake.set()
+        if send:
+            self._send_records()
 
     def _retire(self, w: _Worker) -> None:
         """Stop giving ``w`` chunks, let it exit (EOF on its input) and start a replacement."""

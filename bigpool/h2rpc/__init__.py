@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     )
     from .loop import LoopThread
     from .server import CallContext, Server, current_call
-    from .streams import StreamReader, SyncStreamReader
+    from .streams import StreamReader, StreamWriter, SyncStreamReader
 
 _EXPORTS = {
     "Authority": "authority",
@@ -54,6 +54,7 @@ _EXPORTS = {
     "Server": "server",
     "current_call": "server",
     "StreamReader": "streams",
+    "StreamWriter": "streams",
     "SyncStreamReader": "streams",
 }
 
@@ -75,6 +76,7 @@ __all__ = [
     "Server",
     "StreamBrokenError",
     "StreamReader",
+    "StreamWriter",
     "SyncStreamReader",
     "current_call",
     "parse_address",

@@ -24,7 +24,7 @@ from .errors import (
     NetworkError,
     StreamBrokenError,
 )
-from .streams import StreamReader, iterate_body
+from .streams import StreamReader, StreamWriter, iterate_body
 
 __all__ = ["Client", "parse_address"]
 
@@ -201,7 +201,7 @@ class Client:
             path = wire.method_path(service_method)
             if len(_PATHS) < _MAX_CACHED_PATHS:
                 _PATHS[service_method] = path
-        streamed = wire.is_streamed(arg)
+        streamed = isinstance(arg, StreamWriter) or wire.is_streamed(arg)
         body = None if streamed or arg is None else wire.encode_value(arg)
         conn = await self.connection(addr)
         headers = wire.request_headers(conn.authority, path, streamed=streamed, timeout=timeout)
@@ -237,6 +237,17 @@ class Client:
                 conn.reset_stream(stream.id, ErrorCodes.CANCEL)
 
     async def _send_stream(self, conn: ClientConnection, stream: InboundStream, body: Any) -> None:
+        if isinstance(body, StreamWriter):
+            try:
+                await body.send_on(conn, stream.id, stream)
+            except StreamBrokenError:
+                if stream.headers is None:
+                    raise
+                return  # the server answered before taking the whole stream
+            if body.aborted is not None:
+                raise body.aborted
+            conn.end_stream(stream.id, wire.ok_trailers())
+            return
         async for chunk in iterate_body(body, _blocking_executor()):
             if stream.finished:
                 # The server answered (an error, most likely) before taking the whole stream.

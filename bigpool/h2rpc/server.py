@@ -26,7 +26,7 @@ from h2.errors import ErrorCodes
 from . import wire
 from .connection import H2Connection, InboundStream
 from .errors import BadRequestError, MethodNotFoundError, ProtocolError, StreamBrokenError
-from .streams import StreamReader, SyncStreamReader, iterate_body
+from .streams import StreamReader, StreamWriter, SyncStreamReader, iterate_body
 
 __all__ = ["CallContext", "Server", "current_call"]
 
@@ -298,7 +298,9 @@ class Server:
     async def _reply(
         self, conn: ServerConnection, stream: InboundStream, result: Any, call: CallContext
     ) -> None:
-        if isinstance(result, StreamReader | SyncStreamReader) or wire.is_streamed(result):
+        if isinstance(result, StreamReader | SyncStreamReader | StreamWriter) or wire.is_streamed(
+            result
+        ):
             await self._reply_stream(conn, stream, result, call)
             return
         try:
@@ -321,6 +323,12 @@ class Server:
         # not the whole transfer: from here on the deadline no longer applies.
         call.deadline = None
         conn.send_headers(stream.id, wire.response_headers(wire.STATUS_OK, wire.CONTENT_TYPE_STREAM))
+        if isinstance(result, StreamWriter):
+            await result.send_on(conn, stream.id)
+            aborted = result.aborted
+            conn.end_stream(stream.id, wire.ok_trailers() if aborted is None
+                            else wire.error_trailers(aborted))
+            return
         try:
             async for chunk in iterate_body(result, self._executor):
                 if call.cancelled.is_set():

@@ -9,6 +9,7 @@ mistaken for a complete one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import io
@@ -19,9 +20,9 @@ from .errors import StreamBrokenError
 from .wire import stream_trailer_error
 
 if TYPE_CHECKING:
-    from .connection import InboundStream
+    from .connection import H2Connection, InboundStream
 
-__all__ = ["StreamReader", "SyncStreamReader", "iterate_body"]
+__all__ = ["StreamReader", "StreamWriter", "SyncStreamReader", "iterate_body"]
 
 # Chunk size when reading a file-like body: one h2 frame's worth.
 STREAM_CHUNK = 1024 * 1024
@@ -152,6 +153,160 @@ class StreamReader:
         if not self._closed and not self._done:
             with contextlib.suppress(RuntimeError):
                 self._stream.conn.loop.call_soon_threadsafe(self.close)
+
+
+class StreamWriter:
+    """A streamed body its producer pushes, on the event loop, without awaiting.
+
+    Give one as a call's argument (:meth:`Client.call`) or return one from an async service
+    method. Once the call's stream is open, each :meth:`write` goes out at once as far as the
+    peer's flow-control window allows: the bytes reach the transport at the end of the loop's
+    turn, or at :meth:`flush` (call it after a batch of writes made outside the connection's
+    own callbacks, to send them now and together). What cannot go at once waits here, in
+    order (``buffered`` bytes), and follows as the window opens; a producer with no bound of
+    its own should ``await`` :meth:`drain`. Writes made before the stream opens wait too.
+
+    :meth:`close` ends the body after everything written. If the stream fails (reset, the
+    connection lost, the peer answering before the body ended), ``failed`` holds the error,
+    later writes are dropped, and the call that carries the body raises or returns as it would
+    for any streamed body. Writes are of bytes-like objects, which must not change until sent.
+    """
+
+    def __init__(self) -> None:
+        self._conn: H2Connection | None = None
+        self._stream_id = 0
+        self._pending: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        self.buffered = 0
+        self._sending = False
+        self._closed = False
+        self.failed: BaseException | None = None
+        self.aborted: BaseException | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    def __repr__(self) -> str:
+        state = "failed" if self.failed else "closed" if self._closed else "open"
+        return f"<StreamWriter {state} buffered={self.buffered}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` after what was written before (see the class docstring).
+
+        Raises ``ValueError`` after :meth:`close` and ``TypeError`` for anything but bytes.
+        """
+        if self._closed:
+            raise ValueError("write to a closed StreamWriter")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"a StreamWriter takes bytes, not {type(data).__name__}")
+        if self.failed is not None or not data:
+            return
+        conn = self._conn
+        if conn is not None and not self._pending and not self._sending:
+            try:
+                sent = conn.send_data_nowait(self._stream_id, data)
+            except Exception as exc:
+                self._fail(exc)
+                return
+            if sent == len(data):
+                return
+            if sent:
+                data = memoryview(data).cast("B")[sent:]
+        self._pending.append(data)
+        self.buffered += len(data)
+        self._wake()
+
+    def flush(self) -> None:
+        """Write what has been sent to the transport now, not at the end of the loop's turn."""
+        conn = self._conn
+        if conn is not None and self.failed is None:
+            conn.flush()
+
+    def close(self) -> None:
+        """End the body once everything written has been sent. Idempotent."""
+        self._closed = True
+        self._wake()
+
+    def abort(self, exc: BaseException) -> None:
+        """End the body with an error, dropping what is not yet sent: a streamed reply ends
+        with ``exc`` in its trailers (its reader raises :class:`StreamBrokenError` from it);
+        a streamed argument's call raises ``exc``."""
+        if not self._closed:
+            self.aborted = exc
+            self._closed = True
+            self._pending.clear()
+            self.buffered = 0
+            self._release_drainers()
+            self._wake()
+
+    async def drain(self, low_water: int = 0) -> None:
+        """Wait until at most ``low_water`` bytes wait to be sent (or the stream failed)."""
+        while self.buffered > low_water and self.failed is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _wake(self) -> None:
+        waiter = self._wakeup
+        if waiter is not None:
+            self._wakeup = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failed is None:
+            self.failed = exc
+        self._pending.clear()
+        self.buffered = 0
+        self._release_drainers()
+
+    def _release_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def send_on(self, conn: H2Connection, stream_id: int,
+                      stream: InboundStream | None = None) -> None:
+        """Send the body on ``stream_id`` until it is closed and sent (for the client and
+        server, once each). ``stream``, the call's receiving half, ends it early when it
+        fails or ends. Raises what failed the sending; does not end the HTTP/2 stream."""
+        if self._conn is not None:
+            raise RuntimeError("a StreamWriter carries one body only")
+        self._conn = conn
+        self._stream_id = stream_id
+        loop = conn.loop
+        watched: asyncio.Future[None] | None = None
+        try:
+            while True:
+                while self._pending:
+                    data = self._pending.popleft()
+                    self._sending = True
+                    try:
+                        await conn.send_data(stream_id, data, end_stream=False)
+                    finally:
+                        self._sending = False
+                    self.buffered -= len(data)
+                    if self.buffered == 0 or self._drain_waiters:
+                        self._release_drainers()
+                if self.failed is not None:
+                    raise self.failed
+                if self._closed:
+                    return
+                if stream is not None and stream.finished:
+                    raise stream.error or StreamBrokenError("the peer ended the call first")
+                waiter = self._wakeup = loop.create_future()
+                if stream is not None:
+                    changed = stream.changed()
+                    if changed is not watched:  # one callback per stream event, not per wait
+                        watched = changed
+                        changed.add_done_callback(lambda _: self._wake())
+                await waiter
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
 
 class SyncStreamReader(io.RawIOBase):
