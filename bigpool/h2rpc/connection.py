@@ -23,7 +23,7 @@ import contextlib
 import logging
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -484,8 +484,7 @@ class H2Connection(asyncio.BufferedProtocol):
         self.data_received(self._read_view[:nbytes])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = _stream_transport(transport)
         self.peer = transport.get_extra_info("peername")
         self.h2.local_settings = h2.settings.Settings(
             client=self.h2.config.client_side,
@@ -814,6 +813,28 @@ class H2Connection(asyncio.BufferedProtocol):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+
+# What H2Connection calls on its transport.
+_TRANSPORT_METHODS = (
+    "write", "writelines", "close", "abort", "is_closing", "get_extra_info",
+    "get_write_buffer_size",
+)
+
+
+def _stream_transport(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """``transport`` as the stream transport it is, checked by what it can do.
+
+    Not ``isinstance(transport, asyncio.Transport)``: uvloop's transports (``TCPTransport``,
+    its TLS ``_SSLProtocolTransport``) implement the interface without deriving from, or
+    registering with, asyncio's classes.
+    """
+    missing = [name for name in _TRANSPORT_METHODS if not callable(getattr(transport, name, None))]
+    if missing:
+        raise TypeError(
+            f"{type(transport).__name__} is not a stream transport (no {', '.join(missing)})"
+        )
+    return cast(asyncio.Transport, transport)
 
 
 def _error_name(code: int | None) -> str:
