@@ -1,7 +1,8 @@
 """A pool worker process: ``python -m bigpool._worker_main``, started by :mod:`bigpool.worker`.
 
 The machine's :class:`~bigpool.worker.PoolWorkerService` starts these and talks to each over
-two private pipes whose descriptors arrive in ``$BIGPOOL_WORKER_FDS`` (``"<read>,<write>"``):
+two private channels (Unix socket pairs) whose descriptors arrive in ``$BIGPOOL_WORKER_FDS``
+(``"<read>,<write>"``):
 
 * machine -> worker: first ``>I length + pickle(("init", initializer))`` where
   ``initializer`` is ``None`` or the dill pickle of ``(callable, initargs)``; then any number
@@ -16,9 +17,9 @@ two private pipes whose descriptors arrive in ``$BIGPOOL_WORKER_FDS`` (``"<read>
 
 The worker's ``stdin`` is ``/dev/null`` and its ``stdout`` is the machine's (line buffered, so a
 task's ``print`` reaches the machine's output line by line); its ``stderr`` is read by the
-machine, which forwards it and keeps the last lines to explain a death. The worker exits when
-its command pipe ends, and also when its parent changes (the machine died), so no worker
-outlives its machine. It ignores SIGINT: the machine alone decides when it stops.
+machine (over a third socket pair), which forwards it and keeps the last lines to explain a
+death. The worker exits when its command channel ends, and also when its parent changes (the
+machine died), so no worker outlives its machine. It ignores SIGINT: the machine alone decides when it stops.
 
 This module imports only the standard library, dill, :mod:`bigpool.pool_wire` and
 :mod:`bigpool._malloc` at start (the error encoder is loaded
@@ -211,7 +212,7 @@ def _exit(code: int) -> None:
 
 
 def main() -> None:
-    """Serve the machine until the command pipe ends (never returns: exits the process)."""
+    """Serve the machine until the command channel ends (never returns: exits the process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
     ppid = os.getppid()

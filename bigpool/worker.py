@@ -7,8 +7,8 @@ pickled lists of chunks with ``submit``), reads one long-lived streamed reply of
 records (``results``), may drop queued chunks (``cancel``) and finally stops the workers
 (``shutdown_workers``). Inside the machine, chunks wait in a FIFO; each idle worker process
 takes the next one. Workers are ``python -m bigpool._worker_main`` subprocesses (never forks
-of the machine, which has threads and an event loop), driven over private pipes from the
-machine's event loop without blocking it.
+of the machine, which has threads and an event loop), driven over private socket pairs from
+the machine's event loop without blocking it.
 
 Result records (the ``results`` stream, a :class:`bigpool.h2rpc.StreamWriter` written to as
 chunks complete: the records one read of the workers' sockets brings go out together) are
@@ -40,6 +40,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ STDERR_TAIL_LINES = 20
 START_TIMEOUT = 60.0
 # How long workers get to exit after SIGTERM (shutdown) before they are killed.
 TERMINATE_GRACE = 2.0
-# How often the service checks that its workers are alive (EOF on their pipe is the main way).
+# How often the service checks that its workers are alive (EOF on their channel is the main way).
 POLL_SECONDS = 0.5
 # A worker whose last chunk took less than this is sent its next chunk while it runs the
 # current one (one-deep prefetch), hiding the round trip for tiny chunks. Longer chunks are
@@ -169,6 +170,11 @@ class _Worker:
         self.replacement = replacement
         self.transport: asyncio.WriteTransport | None = None
         self.read_transports: list[asyncio.BaseTransport] = []
+        # The machine's ends of the commands, results and stderr channels, in that order
+        # (connected to transports in that order too).
+        self.sockets: tuple[socket.socket, ...] = ()
+        self.socket_ids: list[tuple[int, int]] = []  # their (st_dev, st_ino)
+        self.handed = 0  # how many of them were handed to the event loop
         self.ready: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self.init_error: bytes | None = None
         # The functions this worker has (it keeps the same table, touched in the same order).
@@ -210,6 +216,35 @@ class _Worker:
         for transport in self.read_transports:
             if not transport.is_closing():
                 transport.close()
+
+    def close_unconnected(self) -> None:
+        """Close the channels never handed to the event loop (a transport closes its own)."""
+        for end in self.sockets[self.handed:]:
+            end.close()
+
+    def settle_failed_connect(self) -> None:
+        """The last channel handed to the loop did not become a transport (connect raised or
+        was cancelled). The loop disposes of it, but differently: asyncio closes the socket
+        object (soon), uvloop closes the descriptor and leaves the object pointing at the
+        closed number, which it would close again when collected. Detach it in that case."""
+        if not 0 < self.handed <= len(self.sockets) or self.handed <= self.connected:
+            return
+        end = self.sockets[self.handed - 1]
+        fd = end.fileno()
+        if fd < 0:
+            return
+        try:
+            st = os.fstat(fd)
+            same = (st.st_dev, st.st_ino) == self.socket_ids[self.handed - 1]
+        except OSError:
+            same = False
+        if not same:
+            end.detach()
+
+    @property
+    def connected(self) -> int:
+        """How many channels are transports now."""
+        return (self.transport is not None) + len(self.read_transports)
 
 
 class _ResultProtocol(asyncio.Protocol):
@@ -551,47 +586,53 @@ class PoolWorkerService:
 
     async def _spawn(self, *, replacement: bool) -> _Worker:
         loop = asyncio.get_running_loop()
-        cmd_read, cmd_write = os.pipe()
-        res_read, res_write = os.pipe()
+        # Socket pairs, not os.pipe(): uvloop closes a pipe's descriptor itself and then the
+        # file object given to connect_*_pipe as well (a second close of the same number, which
+        # can hit a descriptor another thread has opened meanwhile); a socket it detaches
+        # instead. asyncio's loop closes the socket once, as it would a pipe.
+        cmd, cmd_child = socket.socketpair()
+        res, res_child = socket.socketpair()
+        err, err_child = socket.socketpair()
+        ends = (cmd, res, err)
         env = dict(self._env)
-        env[ENV_FDS] = f"{cmd_read},{res_write}"
+        env[ENV_FDS] = f"{cmd_child.fileno()},{res_child.fileno()}"
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bigpool._worker_main"],
                 stdin=subprocess.DEVNULL,
                 stdout=None,  # the machine's own: a task's print reaches the machine's output
-                stderr=subprocess.PIPE,
-                pass_fds=(cmd_read, res_write),
+                stderr=err_child.fileno(),
+                pass_fds=(cmd_child.fileno(), res_child.fileno()),
                 env=env,
                 start_new_session=False,
             )
         except BaseException:
-            for fd in (cmd_write, res_read):
-                os.close(fd)
+            for end in ends:
+                end.close()
             raise
         finally:
-            os.close(cmd_read)
-            os.close(res_write)
+            for child_end in (cmd_child, res_child, err_child):
+                child_end.close()
         w = _Worker(proc, replacement)
+        w.sockets = ends
+        w.socket_ids = [(st.st_dev, st.st_ino) for st in (os.fstat(e.fileno()) for e in ends)]
         if self._closed:  # shut down while this one was starting
             proc.kill()
             proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
-            os.close(cmd_write)
-            os.close(res_read)
+            for end in ends:
+                end.close()
             raise RuntimeError("the pool workers are shut down")
         self._all.add(w)
         self._workers.append(w)
-        assert proc.stderr is not None
-        cmd_file = os.fdopen(cmd_write, "wb", 0)
-        res_file = os.fdopen(res_read, "rb", 0)
         try:
-            transport, _ = await loop.connect_write_pipe(_InputProtocol, cmd_file)
+            w.handed = 1
+            transport, _ = await loop.connect_write_pipe(_InputProtocol, cmd)
             w.transport = transport
-            results, _ = await loop.connect_read_pipe(lambda: _ResultProtocol(self, w), res_file)
+            w.handed = 2
+            results, _ = await loop.connect_read_pipe(lambda: _ResultProtocol(self, w), res)
             w.read_transports = [results]
-            errors, _ = await loop.connect_read_pipe(lambda: _StderrProtocol(w), proc.stderr)
+            w.handed = 3
+            errors, _ = await loop.connect_read_pipe(lambda: _StderrProtocol(w), err)
             w.read_transports.append(errors)
             if self._closed:
                 raise RuntimeError("the pool workers are shut down")
@@ -603,9 +644,8 @@ class PoolWorkerService:
             proc.kill()
             proc.wait()
             w.close_pipes()
-            for f in (cmd_file, res_file, proc.stderr):
-                with contextlib.suppress(OSError):
-                    f.close()
+            w.settle_failed_connect()
+            w.close_unconnected()
             raise
         w.send_init(self.initializer)
         return w
@@ -688,7 +728,7 @@ class PoolWorkerService:
         task.add_done_callback(self._tasks.discard)
 
     def _on_gone(self, w: _Worker) -> None:
-        """``w``'s result pipe ended or its process exited: reap it, report, replace."""
+        """``w``'s result channel ended or its process exited: reap it, report, replace."""
         if w.gone:
             return
         w.gone = True
@@ -875,8 +915,7 @@ class PoolWorkerService:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 w.proc.wait(1.0)
             w.close_pipes()
-            if w.proc.stderr is not None and w.proc.stderr.closed is False and not w.read_transports:
-                w.proc.stderr.close()
+            w.close_unconnected()
 
 
 def _how(exitcode: int) -> str:

@@ -6,16 +6,22 @@ either way the worker processes are real subprocesses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import hashlib
+import importlib.util
 import multiprocessing.pool
 import os
 import pickle
 import queue
 import signal
+import socket
 import struct
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ from pool_worker_tasks import (
 )
 
 import bigpool
+import bigpool.worker
 from bigpool import State
 from bigpool.h2rpc.errors import RemoteTraceback, decode_error
 from bigpool.machine import ServiceStartError
@@ -449,3 +456,106 @@ def test_replacement_initializer_failure_fails_its_chunk(tmp_path: Path) -> None
         flag.unlink()  # the next replacement's initializer succeeds
         submit(m, chunk(3, square, [(4,)]))
         assert ok_value(results.get(1)[3]) == [16]
+
+
+# --- worker channels on either event loop ---------------------------------------------------
+
+
+def _loop_factories() -> Iterator[Any]:
+    yield pytest.param(asyncio.new_event_loop, id="asyncio")
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        yield pytest.param(uvloop.new_event_loop, id="uvloop")
+    else:
+        yield pytest.param(None, id="uvloop", marks=pytest.mark.skip(reason="no uvloop"))
+
+
+def _open_socket_inodes() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the directory's own descriptor, gone by now
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("factory", list(_loop_factories()))
+def test_worker_channels_are_closed_once_however_a_spawn_ends(
+    monkeypatch: pytest.MonkeyPatch, factory: Any
+) -> None:
+    """A worker's channels, whether its spawn completes or is cancelled while they are being
+    handed to the loop, end closed (nothing of them left open) and with no socket object still
+    holding a number it could close a second time. uvloop closes a pipe's descriptor and then
+    its file object again; the channels are socket pairs for that reason."""
+    made: list[socket.socket] = []
+    names: dict[int, str] = {}
+
+    def socketpair() -> tuple[socket.socket, socket.socket]:
+        pair = socket.socketpair()
+        for end in pair:
+            made.append(end)
+            names[id(end)] = f"socket:[{os.fstat(end.fileno()).st_ino}]"
+        return pair
+
+    monkeypatch.setattr(bigpool.worker, "socket", types.SimpleNamespace(socketpair=socketpair))
+    stages: list[tuple[int, int]] = []
+    settle = bigpool.worker._Worker.settle_failed_connect
+
+    def record(w: bigpool.worker._Worker) -> None:
+        stages.append((w.handed, w.connected))
+        settle(w)
+
+    monkeypatch.setattr(bigpool.worker._Worker, "settle_failed_connect", record)
+    children_before = {p.pid for p in psutil.Process().children()}
+    completed = 0
+
+    async def spawn_and_cancel(steps: int) -> None:
+        nonlocal completed
+        service = bigpool.worker.PoolWorkerService(1)
+        service._loop = asyncio.get_running_loop()
+        service._wake = asyncio.Event()
+        service._env = bigpool.worker._worker_env()
+        first = len(made)
+        task = asyncio.ensure_future(service._spawn(replacement=False))
+        try:
+            for _ in range(steps):  # let the spawn run this many loop passes, then cancel it
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            else:
+                completed += 1
+        finally:
+            # As the service's init does when a spawn fails: no replacement may start after.
+            await service.shutdown_workers()
+            while service._tasks:  # a reaper started when a connected channel was closed
+                await asyncio.gather(*service._tasks, return_exceptions=True)
+        mine = made[first:]
+        assert len(mine) in (0, 6)  # one spawn, three pairs (or cancelled before it began)
+        deadline = asyncio.get_running_loop().time() + 10
+        # Transports close their channels a loop pass or two after being closed.
+        while any(end.fileno() != -1 for end in mine):
+            assert asyncio.get_running_loop().time() < deadline, mine
+            await asyncio.sleep(0.01)
+
+    loop = factory()
+    try:
+        for steps in range(12):
+            loop.run_until_complete(spawn_and_cancel(steps))
+    finally:
+        loop.close()
+        for child in psutil.Process().children():  # only if the test failed half way
+            if child.pid not in children_before:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+                    child.wait(10)
+    gc.collect()  # an unclosed socket or transport would warn (an error here) now
+    assert made and all(end.fileno() == -1 for end in made)
+    assert not {names[id(end)] for end in made} & _open_socket_inodes()
+    assert {p.pid for p in psutil.Process().children()} <= children_before
+    # Every hand-over was interrupted at least once, and some spawns completed.
+    assert {handed for handed, connected in stages if connected < handed} == {1, 2, 3}, stages
+    assert completed
