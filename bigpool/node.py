@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from ._malloc import tune_malloc
 from .h2rpc import Credentials, Server, StreamReader
+from .h2rpc.loop import run
 from .supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -295,7 +296,7 @@ def main() -> None:
     system_name = os.environ.get(ENV_SYSTEM, "local")
     tune_malloc()
     try:
-        asyncio.run(_main_async(system_name))
+        run(_main_async(system_name))  # on uvloop when installed (h2rpc.loop.new_event_loop)
     except KeyboardInterrupt:
         _process_exit(130, "interrupted")
     except BaseException as exc:

@@ -36,6 +36,13 @@ MAX_KEEPALIVE = 3600.0
 # Longest CPU profile one call may ask for.
 MAX_PROFILE_SECONDS = 600.0
 
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``module.Class`` of an event loop (``uvloop.Loop``, or asyncio's
+    ``asyncio.unix_events._UnixSelectorEventLoop``)."""
+    return f"{type(loop).__module__}.{type(loop).__qualname__}"
+
+
 class Supervisor:
     """Manages its machine on the driver's behalf. Registered as ``"Supervisor"``."""
 
@@ -51,7 +58,8 @@ class Supervisor:
         return os.getpid()
 
     def info(self) -> dict[str, Any]:
-        """What runs here: Python, platform, the running bundle's digest and the stored ones."""
+        """What runs here: Python, platform, the running bundle's digest and the stored ones,
+        the event loop's class."""
         runtime = self._runtime
         return {
             "python": platform.python_version(),
@@ -64,6 +72,7 @@ class Supervisor:
             "digest": runtime.digest,
             "bundles": runtime.stored_bundles(),
             "started": self._started,
+            "event_loop": _loop_name(runtime.loop),
         }
 
     def setargs(self, args: Sequence[str]) -> None:

@@ -7,6 +7,7 @@ network namespace, is in ``test_ec2_boot.py``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import socket
@@ -169,7 +170,10 @@ def test_driver_address_from_the_default_route_never_from_the_internet(
 # launching against moto -----------------------------------------------------------------------
 
 
-def test_launch_type_tags_user_data_security_group_and_terminate(moto: str, ec2: Any) -> None:
+def test_launch_type_tags_user_data_security_group_and_terminate(
+    moto: str, ec2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BIGPOOL_EVENT_LOOP", "asyncio")  # the driver's choice reaches machines
     system = make_system(moto, ec2, cpus=4, tags={"team": "bio"}, pip_args=["--no-index"])
     b = bigpool.start(system=system)
     try:
@@ -200,6 +204,9 @@ def test_launch_type_tags_user_data_security_group_and_terminate(moto: str, ec2:
         node_env = json.loads(files["boot.json"])["env"]
         assert node_env["BIGPOOL_MAXPROCS"] == "4" and node_env["BIGPOOL_SYSTEM_NAME"] == "ec2"
         assert json.loads(node_env["BIGPOOL_PIP_ARGS"]) == ["--no-index"]
+        assert node_env["BIGPOOL_EVENT_LOOP"] == "asyncio"
+        # The base venv gets uvloop at the driver's version, as the other dependencies.
+        assert f"uvloop=={importlib.metadata.version('uvloop')}" in script
         assert b.authority is not None
         assert files["ca.pem"] == b.authority.cert_pem
         ca_key = b.authority._key.private_numbers().private_value

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from ec2_probe import Probe, netns, square
 from ec2_support import REGION, guarded_session, moto_ami, moto_env, user_data_of
+from loop_support import expected_loop_name
 from pool_support import wait_until
 
 import bigpool
@@ -197,6 +198,8 @@ def test_user_data_boots_a_machine_in_a_namespace(moto: str, instances: Instance
         venvs = os.path.join(root, "var/lib/bigpool/venvs")
         assert os.path.dirname(here["prefix"]) == venvs  # exec'd into the environment's venv
         assert here["digest"] == current_bundle().digest
+        # The base venv's uvloop reaches the exec'd node through the bundle's venv.
+        assert m1.call("Supervisor.info", timeout=30)["event_loop"] == expected_loop_name()
         assert b.bundle_uploads == 1
         assert m1.call("Probe.add", (2, 3)) == 5
         _boot_leaf_cannot_call(ec2, instances, m1.addr, b)

@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+from loop_support import expected_loop_name
 from pool_support import wait_until
 
 import bigpool
@@ -374,6 +375,7 @@ def test_supervisor_reports_and_profiles() -> None:
         assert m.call("Supervisor.getpid") == m.pid
         info = m.call("Supervisor.info")
         assert info["python"].startswith(f"{sys.version_info[0]}.{sys.version_info[1]}")
+        assert info["event_loop"] == expected_loop_name()
         assert "threads" in m.call("Supervisor.profiles")
         dump = m.call("Supervisor.profile", "threads", timeout=60)
         assert "MainThread" in dump and str(m.pid) in dump

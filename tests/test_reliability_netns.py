@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loop_support import expected_loop_name
 from netns_support import Hosts, hosts, memory_cgroup, netem_unavailable, wait_gone
 from pool_support import wait_until
 from reliability_support import record, soak_long
@@ -73,6 +74,7 @@ def test_sigkill_one_machine_mid_map_every_result_once(three_hosts: Hosts) -> No
     with BigPool(3, system=system) as pool:
         victim = pool.machines[0]
         victim.wait(State.RUNNING, 60)
+        assert victim.call("Supervisor.info", timeout=30)["event_loop"] == expected_loop_name()
         watch = StopWatch(victim)
         results: list[int] = []
         killed_at = None

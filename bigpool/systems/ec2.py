@@ -623,6 +623,7 @@ class EC2System:
         return group_id
 
     def _make_user_data(self, b: B) -> str:
+        from ..h2rpc.loop import ENV_EVENT_LOOP
         from ..node import ENV_KEEPALIVE_TIMEOUT, ENV_MAXPROCS, ENV_SYSTEM
         from .ec2_boot import BOOT_NAME, machine_requirements, user_data
         from .ec2_venv import ENV_PIP_ARGS
@@ -634,16 +635,21 @@ class EC2System:
                 lifetime=datetime.timedelta(seconds=self.boot_timeout + 3600),
                 client_auth=False,  # user-data is readable on the instance: it must call no one
             )
+            node_env = {
+                ENV_MAXPROCS: str(self.instance_type.vcpus),
+                ENV_SYSTEM: self.name,
+                ENV_KEEPALIVE_TIMEOUT: str(self.boot_timeout),
+                ENV_PIP_ARGS: json.dumps(self.pip_args),
+            }
+            if os.environ.get(ENV_EVENT_LOOP):
+                # The driver's choice of event loop holds on its machines, as it does for
+                # local ones (which inherit the environment).
+                node_env[ENV_EVENT_LOOP] = os.environ[ENV_EVENT_LOOP]
             self._user_data = user_data(
                 boot_credentials=boot,
                 port=self.port,
                 boot_timeout=self.boot_timeout,
-                node_env={
-                    ENV_MAXPROCS: str(self.instance_type.vcpus),
-                    ENV_SYSTEM: self.name,
-                    ENV_KEEPALIVE_TIMEOUT: str(self.boot_timeout),
-                    ENV_PIP_ARGS: json.dumps(self.pip_args),
-                },
+                node_env=node_env,
                 requirements=machine_requirements(),
                 ttl=self.ttl,
                 poweroff=self.poweroff,

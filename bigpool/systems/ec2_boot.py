@@ -57,7 +57,7 @@ BOOT_NAME = ec2_stage1.BOOT_NAME
 MAX_USER_DATA = 16 * 1024
 STATE_DIR = "/var/lib/bigpool"
 # bigpool's own dependencies on a machine, installed in the base venv at the driver's versions.
-MACHINE_REQUIREMENTS = ("h2", "hpack", "hyperframe", "dill", "psutil")
+MACHINE_REQUIREMENTS = ("h2", "hpack", "hyperframe", "dill", "psutil", "uvloop")
 
 
 class BootHandoffError(BigpoolError):
