@@ -1,19 +1,26 @@
 """A pool worker process: ``python -m bigpool._worker_main``, started by :mod:`bigpool.worker`.
 
 The machine's :class:`~bigpool.worker.PoolWorkerService` starts these and talks to each over
-two private channels (Unix socket pairs) whose descriptors arrive in ``$BIGPOOL_WORKER_FDS``
-(``"<read>,<write>"``):
+three private channels (Unix socket pairs) whose descriptors arrive in
+``$BIGPOOL_WORKER_FDS`` (``"<commands>,<results>,<revocations>"``):
 
-* machine -> worker: first ``>I length + pickle(("init", initializer))`` where
+* commands, machine -> worker: first ``>I length + pickle(("init", initializer))`` where
   ``initializer`` is ``None`` or the dill pickle of ``(callable, initargs)``; then any number
   of chunk records exactly as the driver sent them (:mod:`bigpool.pool_wire`). EOF means exit.
-* worker -> machine, frames ``>IBI`` (body length, kind, tasks run) + body: first one
+  The chunks are numbered from 0 in the order they come (their *sequence numbers*).
+* results, worker -> machine, frames ``>IBI`` (body length, kind, tasks run) + body: first one
   :data:`MSG_READY` whose body is ``pickle((pid, encoded_initializer_error_or_None))``; then
-  one :data:`MSG_RESULT` per chunk, in the order the chunks came, whose body is already the
-  result record (length prefix included) the driver reads (:mod:`bigpool.pool_wire`).
+  one :data:`MSG_RESULT` per chunk run, in the order the chunks came, whose body is already
+  the result record (length prefix included) the driver reads (:mod:`bigpool.pool_wire`).
   Before a chunk's result (or the ready frame) when the worker's expvars changed, a
   :data:`MSG_EXPVARS` frame whose body is their JSON (``bigpool.expvar``; JSON, so the
   machine reads it without unpickling anything of the user's).
+* revocations, machine -> worker: requests ``>I n`` + ``n`` ``>Q`` sequence numbers of
+  chunks sent ahead that the machine wants back. A thread answers each at once (while a task
+  runs) with one :data:`MSG_REVOKED` frame on the results channel whose body is the ``>Q``
+  numbers of those not begun: the worker skips them (it sends no result for them). The answer
+  comes before the result of any chunk begun after it, so the machine knows exactly which
+  chunks will run.
 
 The worker's ``stdin`` is ``/dev/null`` and its ``stdout`` is the machine's (line buffered, so a
 task's ``print`` reaches the machine's output line by line); its ``stderr`` is read by the
@@ -53,7 +60,9 @@ ENV_FDS = "BIGPOOL_WORKER_FDS"
 MSG_READY = 1
 MSG_RESULT = 2
 MSG_EXPVARS = 3
+MSG_REVOKED = 4
 LENGTH = struct.Struct(">I")
+SEQ = struct.Struct(">Q")
 # Worker -> machine frame header: body length, kind, number of tasks the chunk had.
 HEADER = struct.Struct(">IBI")
 # How often a worker checks that its parent is still the machine that started it.
@@ -155,12 +164,54 @@ def _read_record(reader: IO[bytes]) -> bytearray | None:
     return _read_exactly(reader, size)
 
 
-def _send(writer: IO[bytes], kind: int, ntasks: int,
+class Gate:
+    """Which chunks this worker begins: the main thread takes them in order, the revocation
+    thread may withdraw those not begun yet. One lock makes each decision exact."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.begun = 0  # sequence number of the next chunk to take
+        self.revoked: set[int] = set()
+
+    def take(self) -> bool:
+        """The next chunk is taken: whether to run it (``False``: it was revoked)."""
+        with self.lock:
+            seq = self.begun
+            self.begun += 1
+            if seq in self.revoked:
+                self.revoked.discard(seq)
+                return False
+            return True
+
+    def revoke(self, seqs: list[int]) -> list[int]:
+        """Withdraw the chunks among ``seqs`` not begun yet; those. Hold :attr:`lock`."""
+        withdrawn = [seq for seq in seqs if seq >= self.begun and seq not in self.revoked]
+        self.revoked.update(withdrawn)
+        return withdrawn
+
+
+def _send(writer: IO[bytes], lock: threading.Lock, kind: int, ntasks: int,
           parts: list[bytes | bytearray | memoryview]) -> None:
-    writer.write(HEADER.pack(sum(len(part) for part in parts), kind, ntasks))
-    for part in parts:
-        writer.write(part)
-    writer.flush()
+    with lock:
+        writer.write(HEADER.pack(sum(len(part) for part in parts), kind, ntasks))
+        for part in parts:
+            writer.write(part)
+        writer.flush()
+
+
+def _serve_revocations(fd: int, gate: Gate, writer: IO[bytes], lock: threading.Lock) -> None:
+    """Answer revocation requests until the channel ends (see the module docstring)."""
+    def serve() -> None:
+        with contextlib.suppress(OSError, ValueError), os.fdopen(fd, "rb") as requests:
+            while (body := _read_record(requests)) is not None:
+                count = len(body) // SEQ.size
+                seqs = [SEQ.unpack_from(body, i * SEQ.size)[0] for i in range(count)]
+                with gate.lock:  # nothing begins until the answer is written
+                    withdrawn = gate.revoke(seqs)
+                    _send(writer, lock, MSG_REVOKED, 0,
+                          [b"".join(SEQ.pack(seq) for seq in withdrawn)])
+
+    threading.Thread(target=serve, name="bigpool-worker-revocations", daemon=True).start()
 
 
 def _send_expvars(writer: IO[bytes], sent: int) -> int:
@@ -217,9 +268,9 @@ def main() -> None:
     tune_malloc()
     ppid = os.getppid()
     _watch_parent(ppid)
-    read_fd, write_fd = (int(fd) for fd in os.environ.pop(ENV_FDS).split(","))
-    os.set_inheritable(read_fd, False)
-    os.set_inheritable(write_fd, False)
+    read_fd, write_fd, revoke_fd = (int(fd) for fd in os.environ.pop(ENV_FDS).split(","))
+    for fd in (read_fd, write_fd, revoke_fd):
+        os.set_inheritable(fd, False)
     with contextlib.suppress(Exception):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     reader = os.fdopen(read_fd, "rb")
@@ -237,8 +288,12 @@ def main() -> None:
             function(*initargs)
         except Exception as exc:
             init_error = _encode_error(exc)
-    sent_expvars = _send_expvars(writer, 0)
-    _send(writer, MSG_READY, 0, [pickle.dumps((os.getpid(), init_error), protocol=5)])
+    lock = threading.Lock()  # one frame at a time on the results channel
+    with lock:
+        sent_expvars = _send_expvars(writer, 0)
+    _send(writer, lock, MSG_READY, 0, [pickle.dumps((os.getpid(), init_error), protocol=5)])
+    gate = Gate()
+    _serve_revocations(revoke_fd, gate, writer, lock)
 
     cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
     while True:
@@ -246,11 +301,16 @@ def main() -> None:
         if body is None:
             break
         chunk = decode_chunk(memoryview(body))
+        # A revoked chunk still updates the function table, which the machine's mirrors.
         func = _load_function(chunk.func_id, chunk.func, cache)
+        if not gate.take():
+            del body, chunk
+            continue
         record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star, chunk.args_dill)
         del body, chunk
-        sent_expvars = _send_expvars(writer, sent_expvars)
-        _send(writer, MSG_RESULT, ntasks, record)
+        with lock:
+            sent_expvars = _send_expvars(writer, sent_expvars)
+        _send(writer, lock, MSG_RESULT, ntasks, record)
         del record
     _exit(0)
 

@@ -90,6 +90,10 @@ MAX_DEPTH = 512
 QUEUED_SECONDS = 0.005
 # A chunk longer than this is never queued behind another on a machine: long tasks balance.
 LONG_CHUNK_SECONDS = 0.05
+# A chunk out this long, and this many times longer than its function's chunks take, shows
+# that estimate wrong for it: what its machine holds queued behind it is taken back.
+OVERDUE_SECONDS = 0.1
+OVERDUE_FACTOR = 4
 # How many chunks an imap may read ahead of its consumer, per worker slot.
 IMAP_WINDOW_PER_SLOT = 64
 # Most tasks in one submit call (bounds the size of one request).
@@ -209,7 +213,7 @@ class _ChunkRef:
     """
 
     __slots__ = ("args", "args_dill", "attempts", "blocking", "chunk_id", "func", "index", "job",
-                 "ntasks", "star", "tasks")
+                 "ntasks", "sent_at", "star", "tasks")
 
     def __init__(self, job: _Job, index: int, func: _Function, args: bytes | None,
                  args_dill: bool, ntasks: int, star: bool, chunk_id: int,
@@ -225,6 +229,7 @@ class _ChunkRef:
         self.attempts = 0
         self.chunk_id = chunk_id
         self.blocking = False  # dispatched while its function was not known to be quick
+        self.sent_at = 0.0  # time.monotonic() when last written to a machine
 
 
 class _Job:
@@ -578,13 +583,14 @@ class _Feed:
         self.scheduler.feed_lost(
             self, BigpoolError(f"machine {self.machine.addr} ended the chunk stream"))
 
-    def pump(self) -> bool:
-        """Write the chunks this feed may take from the queue now to its machine's stream;
-        whether it took any. With none to take and a slot free, take back work queued on
-        another machine. The bytes go out at the end of the loop's turn (or at a flush)."""
+    def pump(self, limit: int = MAX_BATCH) -> bool:
+        """Write the chunks (``limit`` at most) this feed may take from the queue now to its
+        machine's stream; whether it took any. With none to take and a slot free, take back
+        work queued on another machine. The bytes go out at the end of the loop's turn (or at
+        a flush)."""
         if not self.ready or not self.alive:
             return False
-        parts = self._take_batch()
+        parts = self._take_batch(min(limit, MAX_BATCH))
         if not parts:
             if len(self.in_flight) < self.slots:
                 self.scheduler.rebalance(self)
@@ -594,13 +600,14 @@ class _Feed:
             write(part)
         return True
 
-    def _take_batch(self) -> list[Buffer]:
+    def _take_batch(self, limit: int) -> list[Buffer]:
         """The records of the chunks to send now (small ones joined), moved to in-flight."""
         scheduler = self.scheduler
         out: list[Buffer] = []
         small: list[Buffer] = []
         count = 0
-        while count < MAX_BATCH:
+        now = time.monotonic()
+        while count < limit:
             head = scheduler.peek()
             if head is None:
                 break
@@ -619,6 +626,7 @@ class _Feed:
                     scheduler.complete(ref, False, exc)
                     continue
             ref.blocking = depth == 1
+            ref.sent_at = now
             self.blocking += ref.blocking
             self.in_flight[ref.chunk_id] = ref
             fid = ref.func.id
@@ -741,6 +749,7 @@ class _Scheduler:
         self.feeds: list[_Feed] = []
         self.lost: list[tuple[str, BaseException]] = []
         self.func_seconds: dict[bytes, float] = {}
+        self._look_again_timer: asyncio.TimerHandle | None = None
         # Figures for the status page (tasks, not chunks; a failed chunk counts all its tasks).
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -789,12 +798,22 @@ class _Scheduler:
         return max(2, min(MAX_DEPTH, 1 + math.ceil(QUEUED_SECONDS / max(t, 1e-6))))
 
     def _wake(self) -> None:
-        """Let the feeds with room, most room first, take what is queued, and send it now."""
+        """Let the feeds take what is queued, and send it now: first each its share (in
+        proportion to its slots, counting what it holds already), then what room is left."""
         if not self.pending:
             return
-        feeds = self.feeds
+        feeds = [f for f in self.feeds if f.ready and f.alive]
         if len(feeds) > 1:
-            feeds = sorted(feeds, key=lambda f: len(f.in_flight))
+            feeds.sort(key=lambda f: len(f.in_flight) / f.slots)
+            held = sum(len(f.in_flight) for f in feeds)
+            slots = sum(f.slots for f in feeds)
+            per_slot = (held + len(self.pending)) / slots
+            for feed in feeds:
+                share = math.ceil(per_slot * feed.slots) - len(feed.in_flight)
+                if share > 0 and feed.pump(share):
+                    feed.writer.flush()
+                if not self.pending:
+                    return
         for feed in feeds:
             if feed.pump():
                 feed.writer.flush()
@@ -803,7 +822,12 @@ class _Scheduler:
 
     def rebalance(self, idle: _Feed) -> None:
         """``idle`` has free slots and nothing is queued here: take back work that another
-        machine holds queued (not started), so no slot idles while another holds a queue."""
+        machine holds queued (not started), so no slot idles while another holds a queue.
+
+        Queued work that its machine drains quicker than taking it back would is left there,
+        unless the chunk that machine has held longest is overdue (its function's estimate is
+        wrong for it): then all its queue is taken back. Until that could be, a timer looks
+        again."""
         victim = max(
             (f for f in self.feeds if f is not idle and f.ready and not f.stealing),
             key=lambda f: len(f.in_flight) - f.slots,
@@ -814,14 +838,44 @@ class _Scheduler:
         excess = len(victim.in_flight) - victim.slots
         if excess <= 0:
             return
-        # The most recently sent chunks are the likeliest to be still queued.
-        refs = list(victim.in_flight.values())[-((excess + 1) // 2) :]
-        queued_seconds = sum(self.func_seconds.get(r.func.id, LONG_CHUNK_SECONDS) for r in refs)
-        if queued_seconds < LONG_CHUNK_SECONDS:
-            return  # the victim drains that faster than taking it back would pay off
+        estimate = self.func_seconds.get
+        oldest = next(iter(victim.in_flight.values()))
+        overdue_at = oldest.sent_at + max(
+            OVERDUE_SECONDS, OVERDUE_FACTOR * estimate(oldest.func.id, LONG_CHUNK_SECONDS))
+        now = time.monotonic()
+        if now >= overdue_at:
+            refs = list(victim.in_flight.values())[-excess:]
+        else:
+            # The most recently sent chunks are the likeliest to be still queued.
+            refs = list(victim.in_flight.values())[-((excess + 1) // 2) :]
+            queued = sum(estimate(r.func.id, LONG_CHUNK_SECONDS) for r in refs)
+            if queued < LONG_CHUNK_SECONDS:
+                self._look_again(overdue_at - now)
+                return  # the victim drains that faster than taking it back would pay off
         ids = [r.chunk_id for r in refs]
         victim.stealing = True
         victim.tasks.append(asyncio.get_running_loop().create_task(self._take_back(victim, ids)))
+
+    def _look_again(self, delay: float) -> None:
+        if self._look_again_timer is None:
+            self._look_again_timer = asyncio.get_running_loop().call_later(
+                max(delay, 0.01), self._rebalance_idle)
+
+    def stop(self) -> None:
+        """Stop every feed and the rebalancing timer (the pool is going away)."""
+        for feed in list(self.feeds):
+            feed.stop()
+        if self._look_again_timer is not None:
+            self._look_again_timer.cancel()
+            self._look_again_timer = None
+
+    def _rebalance_idle(self) -> None:
+        self._look_again_timer = None
+        if self.pending:
+            return
+        for feed in self.feeds:
+            if feed.ready and feed.alive and len(feed.in_flight) < feed.slots:
+                self.rebalance(feed)
 
     async def _take_back(self, victim: _Feed, ids: list[int]) -> None:
         try:
@@ -1081,8 +1135,7 @@ class BigPool:
         scheduler = getattr(self, "_scheduler", None)
         if scheduler is None:
             return
-        for feed in list(scheduler.feeds):
-            feed.stop()
+        scheduler.stop()
         running = [m for m in getattr(self, "_machines", []) if m.state is State.RUNNING]
         await asyncio.gather(
             *(m._call_now(f"{SERVICE_NAME}.shutdown_workers", None, WORKER_STOP_TIMEOUT)

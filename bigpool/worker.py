@@ -4,7 +4,7 @@ processes and streams their results back.
 Every machine of a pool serves a :class:`PoolWorkerService` under :data:`SERVICE_NAME`. The
 driver sends it :class:`Chunk` records on one long-lived streamed call (``submit_stream``; or
 pickled lists of chunks with ``submit``), reads one long-lived streamed reply of result
-records (``results``), may drop queued chunks (``cancel``) and finally stops the workers
+records (``results``), may take back chunks not begun (``cancel``) and finally stops the workers
 (``shutdown_workers``). Inside the machine, chunks wait in a FIFO; each idle worker process
 takes the next one. Workers are ``python -m bigpool._worker_main`` subprocesses (never forks
 of the machine, which has threads and an event loop), driven over private socket pairs from
@@ -55,7 +55,9 @@ from ._worker_main import (
     MSG_EXPVARS,
     MSG_READY,
     MSG_RESULT,
+    MSG_REVOKED,
     OK,
+    SEQ,
     TASK_ERROR,
     WORKER_DIED,
 )
@@ -107,6 +109,9 @@ PREFETCH_BELOW_SECONDS = 0.005
 # queue (which the driver balances across machines) keeps the rest.
 PREFETCH_SECONDS = 0.002
 PREFETCH_DEPTH = 64
+# How long cancel waits for a worker to answer a revocation (it answers while a task runs,
+# once the task lets go of the GIL).
+REVOKE_TIMEOUT = 2.0
 # Backoff for replacing workers that die before they are ready (a broken environment).
 RESPAWN_BACKOFF_INITIAL = 0.1
 RESPAWN_BACKOFF_MAX = 5.0
@@ -169,9 +174,10 @@ class _Worker:
         self.pid = proc.pid
         self.replacement = replacement
         self.transport: asyncio.WriteTransport | None = None
+        self.revoke_transport: asyncio.WriteTransport | None = None
         self.read_transports: list[asyncio.BaseTransport] = []
-        # The machine's ends of the commands, results and stderr channels, in that order
-        # (connected to transports in that order too).
+        # The machine's ends of the commands, revocations, results and stderr channels, in
+        # that order (connected to transports in that order too).
         self.sockets: tuple[socket.socket, ...] = ()
         self.socket_ids: list[tuple[int, int]] = []  # their (st_dev, st_ino)
         self.handed = 0  # how many of them were handed to the event loop
@@ -179,8 +185,12 @@ class _Worker:
         self.init_error: bytes | None = None
         # The functions this worker has (it keeps the same table, touched in the same order).
         self.func_ids: LRUTable[bytes, bool] = LRUTable(WORKER_FUNCTIONS)
-        # Chunks sent and not answered, oldest (running) first, with when they were sent.
-        self.inflight: collections.deque[tuple[Chunk, float]] = collections.deque()
+        # Chunks sent and not answered, oldest (running) first, with when they were sent and
+        # their sequence numbers (see bigpool._worker_main).
+        self.inflight: collections.deque[tuple[Chunk, float, int]] = collections.deque()
+        self.sent = 0  # the sequence number of the next chunk sent
+        # Revocation requests not answered yet, oldest first: each waits for its answer.
+        self.revocations: collections.deque[asyncio.Future[list[Chunk]]] = collections.deque()
         # How many of those were not known to be quick when sent (nothing goes ahead of them).
         self.unquick = 0
         self.unquick_ids: set[int] = set()
@@ -204,12 +214,55 @@ class _Worker:
 
     def send_chunk(self, chunk: Chunk, include_function: bool) -> None:
         assert self.transport is not None
+        self.inflight.append((chunk, time.monotonic(), self.sent))
+        self.sent += 1
         for part in encode_chunk(chunk, include_function):
             self.transport.write(part)
 
+    def request_revocation(self, seqs: list[int]) -> asyncio.Future[list[Chunk]]:
+        """Ask the worker for the chunks numbered ``seqs`` back; the future gets those it
+        had not begun (they are out of :attr:`inflight` by then), or ``[]`` if it is gone."""
+        future: asyncio.Future[list[Chunk]] = asyncio.get_running_loop().create_future()
+        transport = self.revoke_transport
+        if self.gone or transport is None or transport.is_closing():
+            future.set_result([])
+            return future
+        self.revocations.append(future)
+        transport.write(LENGTH.pack(len(seqs) * SEQ.size)
+                        + b"".join(SEQ.pack(seq) for seq in seqs))
+        return future
+
+    def revoked(self, body: Buffer) -> list[Chunk]:
+        """The worker's answer to the oldest request: take its chunks out of flight."""
+        view = memoryview(body)
+        seqs = {SEQ.unpack_from(view, i)[0] for i in range(0, len(view), SEQ.size)}
+        kept: collections.deque[tuple[Chunk, float, int]] = collections.deque()
+        chunks: list[Chunk] = []
+        for entry in self.inflight:
+            if entry[2] in seqs:
+                chunks.append(entry[0])
+                self.forget_unquick(entry[0])
+            else:
+                kept.append(entry)
+        self.inflight = kept
+        return chunks
+
+    def forget_unquick(self, chunk: Chunk) -> None:
+        if chunk.chunk_id in self.unquick_ids:
+            self.unquick_ids.discard(chunk.chunk_id)
+            self.unquick -= 1
+
+    def settle_revocations(self) -> None:
+        """The worker is gone: requests it will not answer revoke nothing."""
+        while self.revocations:
+            future = self.revocations.popleft()
+            if not future.done():
+                future.set_result([])
+
     def close_input(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        for transport in (self.transport, self.revoke_transport):
+            if transport is not None and not transport.is_closing():
+                transport.close()
 
     def close_pipes(self) -> None:
         self.close_input()
@@ -244,7 +297,8 @@ class _Worker:
     @property
     def connected(self) -> int:
         """How many channels are transports now."""
-        return (self.transport is not None) + len(self.read_transports)
+        return ((self.transport is not None) + (self.revoke_transport is not None)
+                + len(self.read_transports))
 
 
 class _ResultProtocol(asyncio.Protocol):
@@ -260,6 +314,8 @@ class _ResultProtocol(asyncio.Protocol):
         for (_, kind, ntasks), body in self._frames.feed(data):
             if kind == MSG_RESULT:
                 service._on_result(worker, ntasks, body)
+            elif kind == MSG_REVOKED:
+                service._on_revoked(worker, body)
             elif kind == MSG_READY:
                 service._on_ready(worker, body)
             elif kind == MSG_EXPVARS:
@@ -270,6 +326,7 @@ class _ResultProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._worker.settle_revocations()
         self._service._on_gone(self._worker)
 
 
@@ -515,9 +572,12 @@ class PoolWorkerService:
         writer.flush()
 
     async def cancel(self, chunk_ids: list[int]) -> list[int]:
-        """Drop the queued chunks among ``chunk_ids`` that no worker has started; their ids.
+        """Drop the chunks among ``chunk_ids`` that no worker has begun; their ids.
 
-        Chunks already sent to a worker run to the end (their records still come).
+        Those queued here go at once; those sent ahead to a worker process are revoked there
+        (the worker answers while its task runs). A chunk begun runs to the end (its record
+        still comes). A worker that does not answer within :data:`REVOKE_TIMEOUT` seconds
+        keeps what it has; if it revokes them later, they are queued here again.
         """
         wanted = set(chunk_ids)
         kept: collections.deque[Chunk] = collections.deque()
@@ -528,6 +588,18 @@ class PoolWorkerService:
             else:
                 kept.append(chunk)
         self._queue = kept
+        requests = []
+        for w in self._workers:
+            seqs = [seq for chunk, _, seq in w.inflight if chunk.chunk_id in wanted]
+            if seqs:
+                requests.append(w.request_revocation(seqs))
+        if requests:
+            await asyncio.wait(requests, timeout=REVOKE_TIMEOUT)
+            for future in requests:
+                if future.done():
+                    dropped.extend(chunk.chunk_id for chunk in future.result())
+                else:
+                    future.cancel()  # too late: what it revokes is queued here again
         return dropped
 
     def stats(self, _: object = None) -> dict[str, Any]:
@@ -591,18 +663,19 @@ class PoolWorkerService:
         # can hit a descriptor another thread has opened meanwhile); a socket it detaches
         # instead. asyncio's loop closes the socket once, as it would a pipe.
         cmd, cmd_child = socket.socketpair()
+        rev, rev_child = socket.socketpair()
         res, res_child = socket.socketpair()
         err, err_child = socket.socketpair()
-        ends = (cmd, res, err)
+        ends = (cmd, rev, res, err)
         env = dict(self._env)
-        env[ENV_FDS] = f"{cmd_child.fileno()},{res_child.fileno()}"
+        env[ENV_FDS] = f"{cmd_child.fileno()},{res_child.fileno()},{rev_child.fileno()}"
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bigpool._worker_main"],
                 stdin=subprocess.DEVNULL,
                 stdout=None,  # the machine's own: a task's print reaches the machine's output
                 stderr=err_child.fileno(),
-                pass_fds=(cmd_child.fileno(), res_child.fileno()),
+                pass_fds=(cmd_child.fileno(), res_child.fileno(), rev_child.fileno()),
                 env=env,
                 start_new_session=False,
             )
@@ -611,7 +684,7 @@ class PoolWorkerService:
                 end.close()
             raise
         finally:
-            for child_end in (cmd_child, res_child, err_child):
+            for child_end in (cmd_child, rev_child, res_child, err_child):
                 child_end.close()
         w = _Worker(proc, replacement)
         w.sockets = ends
@@ -629,9 +702,12 @@ class PoolWorkerService:
             transport, _ = await loop.connect_write_pipe(_InputProtocol, cmd)
             w.transport = transport
             w.handed = 2
+            revoke_transport, _ = await loop.connect_write_pipe(_InputProtocol, rev)
+            w.revoke_transport = revoke_transport
+            w.handed = 3
             results, _ = await loop.connect_read_pipe(lambda: _ResultProtocol(self, w), res)
             w.read_transports = [results]
-            w.handed = 3
+            w.handed = 4
             errors, _ = await loop.connect_read_pipe(lambda: _StderrProtocol(w), err)
             w.read_transports.append(errors)
             if self._closed:
@@ -667,13 +743,20 @@ class PoolWorkerService:
         if isinstance(values, dict):
             w.expvars = values
 
+    def _on_revoked(self, w: _Worker, body: Buffer) -> None:
+        chunks = w.revoked(body)
+        future = w.revocations.popleft() if w.revocations else None
+        if future is not None and not future.done():
+            future.set_result(chunks)
+        elif chunks:
+            self._queue.extendleft(reversed(chunks))
+        self._dispatch()
+
     def _on_result(self, w: _Worker, ntasks: int, record: Buffer) -> None:
         if not w.inflight:
             return  # cannot happen: a worker answers only chunks it was sent
-        chunk, sent = w.inflight.popleft()
-        if chunk.chunk_id in w.unquick_ids:
-            w.unquick_ids.discard(chunk.chunk_id)
-            w.unquick -= 1
+        chunk, sent, _ = w.inflight.popleft()
+        w.forget_unquick(chunk)
         now = time.monotonic()
         w.last_seconds = now - max(sent, w.last_result_at)
         w.last_result_at = now
@@ -763,13 +846,14 @@ class PoolWorkerService:
                 + _tail_text(w)
             ))
             w.ready.exception()  # retrieved: init may not be waiting (a replacement)
+        w.settle_revocations()
         if w.inflight:
-            chunk, sent = w.inflight.popleft()
+            chunk, sent, _ = w.inflight.popleft()
             self._emit(_record(chunk.chunk_id, WORKER_DIED,
                                pickle.dumps(self._death(w, exitcode), protocol=5),
                                w.pid, time.monotonic() - sent))
             # Chunks sent ahead (prefetched) never started: they go back to the queue's head.
-            self._queue.extendleft(reversed([c for c, _ in w.inflight]))
+            self._queue.extendleft(reversed([c for c, _, _ in w.inflight]))
             w.inflight.clear()
         self._restarts += 1
         delay = 0.0
@@ -828,8 +912,8 @@ class PoolWorkerService:
             if w.retiring or w.init_error is not None or w.last_seconds >= PREFETCH_BELOW_SECONDS:
                 continue
             depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / max(w.last_seconds, 1e-6))))
-            # Only quick chunks go ahead, and only behind quick ones: a chunk sent ahead cannot
-            # be taken back, so it must not wait behind one that may run long.
+            # Only quick chunks go ahead, and only behind quick ones: a chunk sent ahead that
+            # waits behind a long one is taken back only when the driver asks for it.
             while queue and 0 < len(w.inflight) < depth and not w.unquick and self._quick(queue[0]):
                 self._send(w, queue.popleft())
 
@@ -849,7 +933,6 @@ class PoolWorkerService:
                 self._emit(_record(chunk.chunk_id, TASK_ERROR, encode_error(error), None, 0.0))
                 return
             w.func_ids.put(chunk.func_id, True)
-        w.inflight.append((chunk, time.monotonic()))
         if not self._quick(chunk):
             w.unquick += 1
             w.unquick_ids.add(chunk.chunk_id)

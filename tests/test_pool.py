@@ -182,3 +182,43 @@ def test_large_arguments_are_pickled_again_when_sent_and_again_on_retry() -> Non
         assert results == [(i, hashlib.sha256(b).hexdigest()) for i, b in enumerate(blobs)]
         assert pool._scheduler.tasks_retried > 0  # the victim held some: they were re-sent
         assert pool.map(len, blobs[:4]) == [REPICKLE_FROM + 1000] * 4
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _all_feeds_ready(pool: BigPool) -> bool:
+    return len(pool._scheduler.feeds) == 2 and all(f.ready for f in pool._scheduler.feeds)
+
+
+def test_long_tasks_of_a_function_learnt_as_quick_still_spread_over_every_slot() -> None:
+    # What a function took before says little about its next arguments: once it is known as
+    # quick, a map of long calls is first queued deep on one machine, and the other must not
+    # sit idle while that machine holds a queue.
+    with BigPool(2, system="local") as pool:
+        wait_until(lambda: _all_feeds_ready(pool), 30, "both machines")
+        pool.map(pid_after, [0.0] * 200, chunksize=1)
+        pids = pool.map(pid_after, [0.25] * 8, chunksize=1)
+        counts = sorted(pids.count(pid) for pid in set(pids))
+        assert len(counts) == 2 and counts[0] >= 3, counts
+
+
+
+@pytest.mark.parametrize("maxtasksperchild", [None, 100_000],
+                         ids=["sent-ahead-to-workers", "queued-on-machines"])
+def test_a_long_call_does_not_hold_quick_ones_queued_behind_it(
+        maxtasksperchild: int | None) -> None:
+    # A quick function's call turns out long: the calls its machine holds behind it (queued
+    # there, or already sent ahead to its worker process) are taken back and run elsewhere.
+    # With maxtasksperchild nothing is sent ahead to workers: only the machine's queue holds.
+    with BigPool(2, system="local", maxtasksperchild=maxtasksperchild) as pool:
+        wait_until(lambda: _all_feeds_ready(pool), 30, "both machines")
+        pool.map(pid_after, [0.0] * 200, chunksize=1)
+        long_call = pool.apply_async(pid_after, (60.0,))
+        wait_until(lambda: sum(len(f.in_flight) for f in pool._scheduler.feeds) == 1, 10,
+                   "the long call to be sent")
+        quick = pool.map_async(pid_after, [0.01] * 100, chunksize=1)
+        assert len(quick.get(timeout=30)) == 100
+        assert not long_call.ready()

@@ -18,6 +18,7 @@ import queue
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ import pytest
 from pool_support import wait_until
 from pool_worker_tasks import (
     add,
+    announce_then_sum,
     exit_three,
     fail_on_three,
     failing_initializer,
@@ -534,7 +536,7 @@ def test_worker_channels_are_closed_once_however_a_spawn_ends(
             while service._tasks:  # a reaper started when a connected channel was closed
                 await asyncio.gather(*service._tasks, return_exceptions=True)
         mine = made[first:]
-        assert len(mine) in (0, 6)  # one spawn, three pairs (or cancelled before it began)
+        assert len(mine) in (0, 8)  # one spawn, four pairs (or cancelled before it began)
         deadline = asyncio.get_running_loop().time() + 10
         # Transports close their channels a loop pass or two after being closed.
         while any(end.fileno() != -1 for end in mine):
@@ -543,7 +545,7 @@ def test_worker_channels_are_closed_once_however_a_spawn_ends(
 
     loop = factory()
     try:
-        for steps in range(12):
+        for steps in range(16):
             loop.run_until_complete(spawn_and_cancel(steps))
     finally:
         loop.close()
@@ -557,5 +559,161 @@ def test_worker_channels_are_closed_once_however_a_spawn_ends(
     assert not {names[id(end)] for end in made} & _open_socket_inodes()
     assert {p.pid for p in psutil.Process().children()} <= children_before
     # Every hand-over was interrupted at least once, and some spawns completed.
-    assert {handed for handed, connected in stages if connected < handed} == {1, 2, 3}, stages
+    assert {handed for handed, connected in stages if connected < handed} == {1, 2, 3, 4}, stages
     assert completed
+
+
+# --- revoking chunks sent ahead to a worker -----------------------------------------------
+
+
+class WorkerProcess:
+    """A ``bigpool._worker_main`` process driven by hand over its three channels."""
+
+    def __init__(self) -> None:
+        from bigpool._worker_main import ENV_FDS
+
+        self.cmd, cmd_child = socket.socketpair()
+        self.res, res_child = socket.socketpair()
+        self.rev, rev_child = socket.socketpair()
+        env = bigpool.worker._worker_env()
+        env[ENV_FDS] = f"{cmd_child.fileno()},{res_child.fileno()},{rev_child.fileno()}"
+        fds = (cmd_child.fileno(), res_child.fileno(), rev_child.fileno())
+        self.proc = subprocess.Popen([sys.executable, "-m", "bigpool._worker_main"],
+                                     pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+        for end in (cmd_child, res_child, rev_child):
+            end.close()
+        self.frames = self.res.makefile("rb")
+        init = pickle.dumps(("init", None))
+        self.cmd.sendall(struct.pack(">I", len(init)) + init)
+        kind, _ = self.frame()
+        assert kind == bigpool._worker_main.MSG_READY
+
+    def send(self, c: Chunk, include_function: bool = True) -> None:
+        for part in encode_chunk(c, include_function):
+            self.cmd.sendall(part)
+
+    def revoke(self, *seqs: int) -> None:
+        self.rev.sendall(struct.pack(">I", 8 * len(seqs)) + b"".join(struct.pack(">Q", s)
+                                                                     for s in seqs))
+
+    def frame(self) -> tuple[int, bytes]:
+        """The next frame but expvars: (kind, body)."""
+        while True:
+            size, kind, _ = struct.unpack(">IBI", self.frames.read(9))
+            body = self.frames.read(size)
+            if kind != bigpool._worker_main.MSG_EXPVARS:
+                return kind, body
+
+    def close(self) -> None:
+        for end in (self.cmd, self.rev):
+            end.close()
+        try:
+            self.proc.wait(10)
+        finally:
+            self.proc.kill()
+            self.proc.wait()
+            self.frames.close()
+            self.res.close()
+
+
+@pytest.fixture
+def worker_process() -> Iterator[WorkerProcess]:
+    w = WorkerProcess()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def result_of(body: bytes) -> Any:
+    (result,) = ResultDecoder().feed(body)
+    return result
+
+
+def test_a_worker_skips_exactly_the_chunks_it_revoked(
+        worker_process: WorkerProcess, tmp_path: Path) -> None:
+    w = worker_process
+    gate = tmp_path / "gate"
+    from bigpool._worker_main import MSG_RESULT, MSG_REVOKED
+
+    begun = tmp_path / "begun"
+    w.send(chunk(1, rendezvous, [(str(begun), str(gate))], star=True))  # seq 0: waits for gate
+    w.send(chunk(2, square, [(2,)]))  # seq 1: brings square's function, then is revoked
+    w.send(chunk(3, square, [(3,)], send_func=False))  # seq 2: uses the function seq 1 brought
+    w.send(chunk(4, square, [(4,)], send_func=False))  # seq 3
+    wait_until(begun.exists, 10, "seq 0 to begin")
+    w.revoke(0, 1, 3, 7)  # 0 has begun; 7 was never sent (revoked before it comes)
+    kind, body = w.frame()  # answered while seq 0 still runs
+    assert kind == MSG_REVOKED
+    assert sorted(struct.unpack(f">{len(body) // 8}Q", body)) == [1, 3, 7]
+    gate.touch()
+    got = [w.frame() for _ in range(2)]
+    assert [kind for kind, _ in got] == [MSG_RESULT, MSG_RESULT]
+    results = [result_of(body) for _, body in got]
+    assert [r.chunk_id for r in results] == [1, 3]
+    assert results[1].status == OK and dill.loads(bytes(results[1].payload)) == [9]
+    w.send(chunk(5, square, [(5,)], send_func=False))  # seq 4
+    w.send(chunk(6, square, [(6,)], send_func=False))  # seq 5
+    w.send(chunk(7, square, [(7,)], send_func=False))  # seq 6
+    w.send(chunk(8, square, [(8,)], send_func=False))  # seq 7: revoked ahead of time
+    w.send(chunk(9, square, [(9,)], send_func=False))  # seq 8
+    assert [result_of(w.frame()[1]).chunk_id for _ in range(4)] == [5, 6, 7, 9]
+
+
+def quick_rendezvous(i: int, tmp_path: Path) -> Chunk:
+    (tmp_path / "open").touch()
+    return chunk(i, rendezvous, [(str(tmp_path / "mine"), str(tmp_path / "open"))], star=True)
+
+
+def warm(m: bigpool.Machine, results: Results, ids: range, tmp_path: Path) -> None:
+    """Run quick chunks of rendezvous, so the machine sends its next ones ahead."""
+    submit(m, *[quick_rendezvous(i, tmp_path) for i in ids])
+    results.get(len(ids))
+
+
+def test_cancel_takes_back_chunks_sent_ahead_to_a_busy_worker(tmp_path: Path) -> None:
+    with pool("test", 1) as (m, results):
+        warm(m, results, range(100, 140), tmp_path)
+        gate = tmp_path / "gate"
+        quick = [quick_rendezvous(i, tmp_path) for i in range(2, 8)]
+        begun = tmp_path / "begun"
+        submit(m, chunk(1, rendezvous, [(str(begun), str(gate))], star=True), *quick)
+        wait_until(begun.exists, 10, "chunk 1 to begin")
+        info = stats(m)
+        assert info["running"] > 1, info  # some were sent ahead, behind the one that waits
+        dropped = m.call(f"{SERVICE_NAME}.cancel", list(range(1, 8)))
+        assert sorted(dropped) == list(range(2, 8))  # all but the one begun
+        assert stats(m)["running"] == 1 and stats(m)["queued"] == 0
+        gate.touch()
+        assert sorted(results.get(1)) == [1]
+        with pytest.raises(queue.Empty):
+            results.get(1, timeout=0.5)  # none of the revoked ones ran
+        submit(m, chunk(9, rendezvous, [(str(begun), str(gate))], star=True, send_func=False))
+        assert ok_value(results.get(1)[9]) == [True]
+        assert stats(m)["worker_restarts"] == 0
+
+
+def test_a_revocation_answered_too_late_queues_its_chunks_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker answers only when its task lets go of the GIL: here one C call holds it for
+    # long past the machine's wait. What the worker then revokes runs on the machine after
+    # all; nothing is lost or run twice.
+    monkeypatch.setattr(bigpool.worker, "REVOKE_TIMEOUT", 0.05)
+    with pool("test", 1) as (m, results):
+        mark = str(tmp_path / "mark")
+        submit(m, *[chunk(i, announce_then_sum, [(mark, 10)], star=True) for i in range(100, 140)])
+        results.get(40)
+        begun = tmp_path / "begun"
+        quick = [chunk(i, announce_then_sum, [(mark, i)], star=True) for i in range(2, 8)]
+        submit(m, chunk(1, announce_then_sum, [(str(begun), 10**8)], star=True), *quick)
+        wait_until(begun.exists, 10, "chunk 1 to begin")
+        info = stats(m)
+        assert info["running"] > 1, info  # chunk 1 and some sent ahead behind it
+        dropped = m.call(f"{SERVICE_NAME}.cancel", list(range(1, 8)))
+        assert len(dropped) == info["queued"]  # only those still queued on the machine
+        left = sorted(set(range(1, 8)) - set(dropped))
+        got = results.get(len(left))
+        assert sorted(got) == left
+        assert [ok_value(got[i]) for i in left[1:]] == [[sum(range(i))] for i in left[1:]]
+        with pytest.raises(queue.Empty):
+            results.get(1, timeout=0.5)
