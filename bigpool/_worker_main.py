@@ -109,6 +109,7 @@ def run_chunk(
     args: bytes | bytearray | memoryview,
     star: bool,
     args_dill: bool = True,
+    buffers: tuple[bytes | bytearray | memoryview, ...] = (),
 ) -> tuple[list[bytes | bytearray | memoryview], int]:
     """Run one chunk; its result record (buffers to write in order) and how many tasks it had.
 
@@ -124,7 +125,8 @@ def run_chunk(
         status, payload = TASK_ERROR, func.encoded
     else:
         try:
-            tasks = dill.loads(args) if args_dill else pickle.loads(args)
+            oob = buffers or None  # the pickle's out-of-band buffers (see pool_wire)
+            tasks = dill.loads(args, buffers=oob) if args_dill else pickle.loads(args, buffers=oob)
             ntasks = len(tasks)
             result = [func(*t) for t in tasks] if star else [func(t) for t in tasks]
             del tasks
@@ -306,7 +308,8 @@ def main() -> None:
         if not gate.take():
             del body, chunk
             continue
-        record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star, chunk.args_dill)
+        record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star, chunk.args_dill,
+                                   chunk.buffers)
         del body, chunk
         with lock:
             sent_expvars = _send_expvars(writer, sent_expvars)

@@ -103,6 +103,9 @@ WORKER_STOP_TIMEOUT = 10.0
 # A chunk whose arguments pickle to at least this much keeps its tasks, not their pickle, while
 # it waits to be sent (memory, and fresh pages that cost more than pickling again).
 REPICKLE_FROM = 1024 * 1024
+# Task arguments (bytes) and pickle buffers at least this large travel out of band (see
+# bigpool.pool_wire): sent as they are, never copied into a pickle.
+OUT_OF_BAND_FROM = INLINE_LIMIT
 # A result at least this large that arrives in several pieces is unpickled from the pieces.
 PIECES_FROM = 256 * 1024
 # How long a lost machine's chunks wait for its system to say how it died (retries wait too).
@@ -183,6 +186,68 @@ def _function(func: Callable[..., Any]) -> _Function:
     return function
 
 
+class _OutOfBand:
+    """A large ``bytes`` task argument, pickled as a protocol-5 out-of-band buffer: the chunk
+    record carries the object itself (no copy into the pickle) and it loads as ``bytes``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _with_out_of_band(tasks: list[Any], star: bool) -> list[Any] | None:
+    """``tasks`` with each large ``bytes`` argument (a task itself, or an element of a task's
+    argument tuple) wrapped in :class:`_OutOfBand`; ``None`` when there are none."""
+    limit = OUT_OF_BAND_FROM
+    wrapped: list[Any] | None = None
+    wrappers: dict[int, _OutOfBand] = {}  # one per object: the pickle's memo keeps one copy
+
+    def wrap(data: bytes) -> _OutOfBand:
+        wrapper = wrappers.get(id(data))
+        if wrapper is None:
+            wrapper = wrappers[id(data)] = _OutOfBand(data)
+        return wrapper
+
+    for i, task in enumerate(tasks):
+        if star:
+            if type(task) is tuple and any(type(a) is bytes and len(a) >= limit for a in task):
+                task = tuple(wrap(a) if type(a) is bytes and len(a) >= limit else a
+                             for a in task)
+            else:
+                continue
+        elif type(task) is bytes and len(task) >= limit:
+            task = wrap(task)
+        else:
+            continue
+        if wrapped is None:
+            wrapped = list(tasks)
+        wrapped[i] = task
+    return wrapped
+
+
+def _pickle_tasks(tasks: list[Any], star: bool) -> tuple[bytes, bool, tuple[Buffer, ...]]:
+    """(pickle, by_value, out-of-band buffers) of a chunk's tasks: large ``bytes`` arguments,
+    and large buffers of objects that pickle out of band (numpy arrays), are sent as they are."""
+    wrapped = _with_out_of_band(tasks, star)
+    pickle_buffers: list[pickle.PickleBuffer] = []
+    data, by_value = pickle_value(tasks if wrapped is None else wrapped, pickle_buffers,
+                                  OUT_OF_BAND_FROM)
+    return data, by_value, tuple(_raw(buffer) for buffer in pickle_buffers)
+
+
+def _raw(buffer: pickle.PickleBuffer) -> Buffer:
+    """A buffer's bytes to write: the ``bytes`` object itself where it is one (sent uncopied)."""
+    view = buffer.raw()
+    obj = view.obj
+    if type(obj) is bytes and len(obj) == view.nbytes:
+        return obj
+    return view
+
+
 def _note(exc: BaseException, text: str) -> None:
     """Say in the traceback what bigpool was doing (Python 3.11+ shows notes)."""
     add_note = getattr(exc, "add_note", None)
@@ -208,20 +273,21 @@ class _EncodeError(Exception):
 class _ChunkRef:
     """One chunk of a job as the scheduler sees it.
 
-    ``args`` is the pickle of its tasks, or ``None`` for a large one (see
-    :data:`REPICKLE_FROM`): those keep ``tasks`` and are pickled again when sent.
+    ``args`` is the pickle of its tasks (with its out-of-band ``buffers``), or ``None`` for a
+    large one (see :data:`REPICKLE_FROM`): those keep ``tasks`` and are pickled again when sent.
     """
 
-    __slots__ = ("args", "args_dill", "attempts", "blocking", "chunk_id", "func", "index", "job",
-                 "ntasks", "sent_at", "star", "tasks")
+    __slots__ = ("args", "args_dill", "attempts", "blocking", "buffers", "chunk_id", "func",
+                 "index", "job", "ntasks", "sent_at", "star", "tasks")
 
     def __init__(self, job: _Job, index: int, func: _Function, args: bytes | None,
                  args_dill: bool, ntasks: int, star: bool, chunk_id: int,
-                 tasks: list[Any] | None = None) -> None:
+                 tasks: list[Any] | None = None, buffers: tuple[Buffer, ...] = ()) -> None:
         self.job = job
         self.index = index
         self.func = func
         self.args = args
+        self.buffers = buffers
         self.tasks = tasks
         self.args_dill = args_dill
         self.ntasks = ntasks
@@ -619,9 +685,11 @@ class _Feed:
             if not ref.job.start():
                 continue
             args = ref.args
+            buffers = ref.buffers
             if args is None:
+                assert ref.tasks is not None
                 try:
-                    args, ref.args_dill = pickle_value(ref.tasks)
+                    args, ref.args_dill, buffers = _pickle_tasks(ref.tasks, ref.star)
                 except Exception as exc:  # pickled once already: the tasks changed since
                     scheduler.complete(ref, False, exc)
                     continue
@@ -635,7 +703,7 @@ class _Feed:
                 self.sent_functions.put(fid, True)
                 func = ref.func.data
             for part in encode_chunk(Chunk(ref.chunk_id, fid, func, args, ref.star,
-                                           ref.args_dill)):
+                                           ref.args_dill, buffers)):
                 if len(part) < INLINE_LIMIT:
                     small.append(part)
                     continue
@@ -1187,7 +1255,7 @@ class BigPool:
                star: bool) -> _ChunkRef:
         """A chunk of ``tasks``: argument tuples if ``star``, else single arguments."""
         try:
-            args, args_dill = pickle_value(tasks)
+            args, args_dill, buffers = _pickle_tasks(tasks, star)
         except Exception as exc:
             _note(exc, "bigpool: a task's arguments cannot be pickled to send to machines")
             raise
@@ -1197,7 +1265,7 @@ class BigPool:
             return _ChunkRef(job, index, func, None, args_dill, len(tasks), star,
                              next(self._chunk_ids), tasks)
         return _ChunkRef(job, index, func, args, args_dill, len(tasks), star,
-                         next(self._chunk_ids))
+                         next(self._chunk_ids), buffers=buffers)
 
     # the multiprocessing.Pool interface ---------------------------------------------------------
 

@@ -10,6 +10,16 @@ Chunks travel from the driver to a machine on one long-lived streamed call
     >I  length of the function's pickle (0: sent before, the machine has it)
         the function id, the function's pickle, then the arguments' pickle (to the end)
 
+With flag bit 2 (buffers) the arguments' pickle has out-of-band buffers (pickle protocol 5),
+and the arguments' part of the record is::
+
+    >I  number of buffers, n
+    >Q  length of each buffer (n of them)
+        the pickle, then the n buffers (each where the one before ends)
+
+so a large ``bytes`` argument travels as itself: the driver neither copies it into a pickle
+nor pickles it twice, and the machine passes the buffers on with the rest of the record.
+
 Machines hand chunks to their worker processes in the same record. Results come back, from
 worker to machine and on to the driver (the ``BigPoolWorker.results`` stream), as::
 
@@ -59,6 +69,9 @@ CHUNK_HEADER = struct.Struct(">BQBI")
 RESULT_HEADER = struct.Struct(">QBBid")
 FLAG_STAR = 1
 FLAG_DILL = 2
+FLAG_BUFFERS = 4
+BUFFER_COUNT = struct.Struct(">I")
+BUFFER_LENGTH = struct.Struct(">Q")
 # Functions remembered: by a driver per machine (as sent), by a machine (as received; never
 # fewer than the driver's), and by a machine per worker process and that worker (the same).
 DRIVER_FUNCTIONS = 256
@@ -79,8 +92,9 @@ class Chunk:
 
     ``func`` (the dill pickle of the function) must come with, or before, the first chunk using
     ``func_id`` on a machine; later chunks may send ``None``. ``args`` is a pickle (plain or
-    dill) of the chunk's tasks: with ``star`` argument tuples, called as ``func(*t)``; without,
-    single arguments, called as ``func(x)`` (no tuple per task to build and pickle).
+    dill) of the chunk's tasks, loaded with ``buffers`` as its out-of-band buffers: with
+    ``star`` argument tuples, called as ``func(*t)``; without, single arguments, called as
+    ``func(x)`` (no tuple per task to build and pickle).
 
     Each side remembers the functions it was sent in a least-recently-used table, touched by
     every chunk in the order chunks travel: the sender's table (``*_FUNCTIONS`` below) is never
@@ -94,6 +108,7 @@ class Chunk:
     args: Buffer
     star: bool
     args_dill: bool = True
+    buffers: tuple[Buffer, ...] = ()  # out-of-band buffers of ``args`` (byte-format views)
 
 
 @dataclass(frozen=True)
@@ -152,16 +167,27 @@ def encode_chunk(chunk: Chunk, include_function: bool = True) -> list[Buffer]:
     func = (chunk.func or b"") if include_function else b""
     if len(chunk.func_id) > 255:
         raise ValueError(f"a function id has at most 255 bytes, not {len(chunk.func_id)}")
-    size = CHUNK_HEADER.size + len(chunk.func_id) + len(func) + len(chunk.args)
+    buffers = chunk.buffers
+    flags = (FLAG_STAR if chunk.star else 0) | (FLAG_DILL if chunk.args_dill else 0)
+    layout = b""
+    if buffers:
+        flags |= FLAG_BUFFERS
+        layout = BUFFER_COUNT.pack(len(buffers)) + b"".join(
+            BUFFER_LENGTH.pack(len(buffer)) for buffer in buffers
+        )
+    size = (CHUNK_HEADER.size + len(chunk.func_id) + len(func) + len(layout) + len(chunk.args)
+            + sum(len(buffer) for buffer in buffers))
     if size > MAX_RECORD:
         raise ValueError(f"a chunk of {size} bytes is larger than a record may be ({MAX_RECORD})")
-    flags = (FLAG_STAR if chunk.star else 0) | (FLAG_DILL if chunk.args_dill else 0)
     head = LENGTH.pack(size) + CHUNK_HEADER.pack(
         flags, chunk.chunk_id, len(chunk.func_id), len(func)
     )
     if len(chunk.args) < INLINE_LIMIT:
-        return [b"".join((head, chunk.func_id, func, chunk.args))]
-    return [b"".join((head, chunk.func_id, func)), chunk.args]
+        parts: list[Buffer] = [b"".join((head, chunk.func_id, func, layout, chunk.args))]
+    else:
+        parts = [b"".join((head, chunk.func_id, func, layout)), chunk.args]
+    parts.extend(buffers)
+    return parts
 
 
 def decode_chunk(body: memoryview) -> Chunk:
@@ -169,7 +195,7 @@ def decode_chunk(body: memoryview) -> Chunk:
     if len(body) < CHUNK_HEADER.size:
         raise RecordError(f"a chunk record of {len(body)} bytes is shorter than its header")
     flags, chunk_id, id_size, func_size = CHUNK_HEADER.unpack_from(body)
-    if flags & ~(FLAG_STAR | FLAG_DILL):
+    if flags & ~(FLAG_STAR | FLAG_DILL | FLAG_BUFFERS):
         raise RecordError(f"chunk {chunk_id}: unknown flags {flags:#x}")
     start = CHUNK_HEADER.size
     args_start = start + id_size + func_size
@@ -177,8 +203,34 @@ def decode_chunk(body: memoryview) -> Chunk:
         raise RecordError(f"chunk {chunk_id}: function of {func_size} bytes overruns its record")
     func_id = bytes(body[start : start + id_size])
     func = bytes(body[start + id_size : args_start]) if func_size else None
-    return Chunk(chunk_id, func_id, func, body[args_start:], bool(flags & FLAG_STAR),
-                 bool(flags & FLAG_DILL))
+    args = body[args_start:]
+    buffers: tuple[memoryview, ...] = ()
+    if flags & FLAG_BUFFERS:
+        args, buffers = _split_buffers(chunk_id, args)
+    return Chunk(chunk_id, func_id, func, args, bool(flags & FLAG_STAR),
+                 bool(flags & FLAG_DILL), buffers)
+
+
+def _split_buffers(chunk_id: int, field: memoryview) -> tuple[memoryview, tuple[memoryview, ...]]:
+    """The pickle and the out-of-band buffers of an arguments field with buffers."""
+    if len(field) < BUFFER_COUNT.size:
+        raise RecordError(f"chunk {chunk_id}: its arguments end before their buffer count")
+    (count,) = BUFFER_COUNT.unpack_from(field)
+    pickle_start = BUFFER_COUNT.size + count * BUFFER_LENGTH.size
+    if count == 0 or pickle_start > len(field):
+        raise RecordError(f"chunk {chunk_id}: a buffer count of {count} does not fit its "
+                          f"{len(field)}-byte arguments")
+    lengths = struct.unpack_from(f">{count}Q", field, BUFFER_COUNT.size)
+    pickle_end = len(field) - sum(lengths)
+    if pickle_end < pickle_start:
+        raise RecordError(f"chunk {chunk_id}: buffers of {sum(lengths)} bytes overrun its "
+                          f"{len(field)}-byte arguments")
+    buffers = []
+    offset = pickle_end
+    for length in lengths:
+        buffers.append(field[offset : offset + length])
+        offset += length
+    return field[pickle_start:pickle_end], tuple(buffers)
 
 
 def encode_result(result: Result) -> list[Buffer]:

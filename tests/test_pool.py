@@ -9,12 +9,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from pool_support import wait_until
 
 from bigpool import BigPool, KeepaliveConfig, PoolTerminatedError, State, TaskLostError
-from bigpool.pool import IMAP_WINDOW_PER_SLOT, REPICKLE_FROM
+from bigpool.pool import IMAP_WINDOW_PER_SLOT, OUT_OF_BAND_FROM, REPICKLE_FROM, _pickle_tasks
 from bigpool.pool_wire import MACHINE_FUNCTIONS
 from bigpool.systems.local import LocalSystem
 from bigpool.systems.test import TestSystem
@@ -162,15 +163,19 @@ def test_ever_new_functions_are_held_in_bounded_tables_and_resent_when_forgotten
         assert pool.map(functions[0], range(5), chunksize=1) == [0, 1, 2, 3, 4]
 
 
-def digest_of(data: bytes) -> str:
+def digest_of(data: bytes | str) -> str:
     time.sleep(0.02)  # long enough that a killed machine is holding some of them
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def test_large_arguments_are_pickled_again_when_sent_and_again_on_retry() -> None:
-    # Each argument pickles to more than REPICKLE_FROM: the driver keeps the tasks, not their
-    # pickles, and pickles a chunk when it sends it, once more if its machine is lost.
-    blobs = [bytes([i]) * (REPICKLE_FROM + 1000) for i in range(24)]
+@pytest.mark.parametrize("kind", ["bytes", "str"])
+def test_large_arguments_are_sent_again_on_retry(kind: str) -> None:
+    # Each argument is larger than REPICKLE_FROM. A str is pickled when the chunk is made
+    # (errors are the caller's at once) and again when sent, once more if its machine is lost;
+    # bytes travel out of band, as the very objects, each time.
+    size = REPICKLE_FROM + 1000
+    blobs: list[Any] = [(chr(65 + i) * size if kind == "str" else bytes([i]) * size)
+                        for i in range(24)]
     system = TestSystem(keepalive=FAST_KEEPALIVE)
     with BigPool(3, system=system) as pool:
         victim = pool.machines[0]
@@ -179,9 +184,48 @@ def test_large_arguments_are_pickled_again_when_sent_and_again_on_retry() -> Non
             results.append((i, digest))
             if i == 3:
                 system.kill(victim)
-        assert results == [(i, hashlib.sha256(b).hexdigest()) for i, b in enumerate(blobs)]
+        assert results == [(i, digest_of(b)) for i, b in enumerate(blobs)]
         assert pool._scheduler.tasks_retried > 0  # the victim held some: they were re-sent
-        assert pool.map(len, blobs[:4]) == [REPICKLE_FROM + 1000] * 4
+        assert pool.map(len, blobs[:4]) == [size] * 4
+
+
+def describe(*args: Any) -> list[Any]:
+    """What a task got: each argument's type, length and digest, and which are one object."""
+    return [[type(a).__name__, len(a), hashlib.sha256(a).hexdigest()[:12]] for a in args] + [
+        [i for i, a in enumerate(args) if a is args[0]]]
+
+
+def describe_then_call(data: bytes, fn: Callable[[], Any]) -> list[Any]:
+    return [describe(data), fn()]
+
+
+class Tagged(bytes):
+    pass
+
+
+def test_large_bytes_arguments_arrive_whole_with_their_types() -> None:
+    big = os.urandom(OUT_OF_BAND_FROM + 1)
+    other = os.urandom(OUT_OF_BAND_FROM * 3)
+    cases = [(big, b"small", big), (other, bytearray(other), Tagged(big)), (b"", big, b"x")]
+    expected = [describe(*case) for case in cases]
+    with BigPool(2, system="local") as pool:
+        assert pool.starmap(describe, cases, chunksize=1) == expected
+        assert pool.starmap(describe, cases, chunksize=3) == expected
+        assert pool.map(len, [big, other, b"tiny"] * 3, chunksize=2) == [len(big), len(other),
+                                                                         4] * 3
+        # With a lambda beside it the arguments go through dill's pickler: still out of band.
+        assert pool.apply(describe_then_call, (big, lambda: 7)) == [describe(big), 7]
+
+
+def test_large_bytes_arguments_are_not_copied_into_the_pickle() -> None:
+    big = bytes(OUT_OF_BAND_FROM)
+    data, by_value, buffers = _pickle_tasks([(big, 1, big), (b"small", 2, big)], star=True)
+    assert not by_value and len(data) < 200
+    assert len(buffers) == 1 and buffers[0] is big  # once, the object itself
+    data, by_value, buffers = _pickle_tasks([(big, lambda: 0)], star=True)
+    assert by_value and len(data) < 2000 and buffers == (big,)
+    data, _, buffers = _pickle_tasks([bytes(OUT_OF_BAND_FROM - 1)], star=False)
+    assert buffers == () and len(data) >= OUT_OF_BAND_FROM - 1  # smaller ones stay in band
 
 
 def pid_after(seconds: float) -> int:

@@ -31,12 +31,15 @@ def _chunks() -> list[Chunk]:
         Chunk(1, b"f" * 16, b"function pickle", b"args", True, False),
         Chunk(2, b"f" * 16, None, b"", False, True),
         Chunk(2**64 - 1, b"id", None, bytes(range(256)) * 400, False, False),  # > INLINE_LIMIT
+        Chunk(3, b"g" * 16, None, b"pickle", True, True, (b"one", bytes(INLINE_LIMIT), b"")),
     ]
 
 
 def _same_chunk(a: Chunk, b: Chunk) -> bool:
-    return (a.chunk_id, a.func_id, a.func, bytes(a.args), a.star, a.args_dill) == (
-        b.chunk_id, b.func_id, b.func, bytes(b.args), b.star, b.args_dill)
+    return (a.chunk_id, a.func_id, a.func, bytes(a.args), a.star, a.args_dill,
+            [bytes(x) for x in a.buffers]) == (
+        b.chunk_id, b.func_id, b.func, bytes(b.args), b.star, b.args_dill,
+        [bytes(x) for x in b.buffers])
 
 
 def _stream(chunks: list[Chunk]) -> bytes:
@@ -45,7 +48,7 @@ def _stream(chunks: list[Chunk]) -> bytes:
 
 def test_chunks_round_trip_in_one_feed() -> None:
     decoded = ChunkDecoder().feed(_stream(_chunks()))
-    assert len(decoded) == 3
+    assert len(decoded) == 4
     assert all(_same_chunk(a, b) for a, b in zip(decoded, _chunks(), strict=True))
 
 
@@ -65,8 +68,19 @@ def test_chunks_decode_however_the_bytes_are_split(cuts: list[int]) -> None:
     for start, end in itertools.pairwise(bounds):
         decoded += decoder.feed(data[start:end])
     assert not decoder.partial
-    assert len(decoded) == 3
+    assert len(decoded) == 4
     assert all(_same_chunk(a, b) for a, b in zip(decoded, _chunks(), strict=True))
+
+
+def test_out_of_band_buffers_are_sent_as_themselves() -> None:
+    big = bytes(INLINE_LIMIT)
+    parts = encode_chunk(Chunk(7, b"x" * 16, None, b"pickle", False, False, (b"small", big)))
+    assert parts[-1] is big and parts[-2] == b"small"
+
+
+def _buffers_field(count: int, lengths: list[int], rest: bytes) -> bytes:
+    body = struct.pack(">BQBI", 4, 9, 0, 0) + struct.pack(">I", count)
+    return body + b"".join(struct.pack(">Q", n) for n in lengths) + rest
 
 
 def test_a_stream_cut_inside_a_record_is_partial() -> None:
@@ -98,6 +112,11 @@ def test_a_record_longer_than_allowed_is_refused_before_allocation() -> None:
     (b"\x00" * 5, "shorter than its header"),
     (struct.pack(">BQBI", 0, 9, 16, 100) + b"x" * 20, "overruns its record"),
     (struct.pack(">BQBI", 0x80, 9, 0, 0), "unknown flags"),
+    (struct.pack(">BQBI", 4, 9, 0, 0) + b"\x00\x00", "end before their buffer count"),
+    (_buffers_field(0, [], b"pickle"), "buffer count of 0 does not fit"),
+    (_buffers_field(3, [1], b""), "buffer count of 3 does not fit"),
+    (_buffers_field(2, [4, 5], b"pickl"), "buffers of 9 bytes overrun"),
+    (_buffers_field(1, [2**63], b"xx"), "overrun"),
 ])
 def test_malformed_chunk_records_are_named(body: bytes, message: str) -> None:
     with pytest.raises(RecordError, match=message):

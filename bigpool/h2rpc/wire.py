@@ -74,7 +74,8 @@ class _WirePickler(pickle.Pickler):
         return NotImplemented
 
 
-def pickle_value(value: Any) -> tuple[bytes, bool]:
+def pickle_value(value: Any, buffers: list[pickle.PickleBuffer] | None = None,
+                 out_of_band_from: int = 64 * 1024) -> tuple[bytes, bool]:
     """(pickle, by_value) of a value for the wire.
 
     The C pickler is used when it can carry the value: dill's pure-Python pickler costs ~20x
@@ -82,16 +83,31 @@ def pickle_value(value: Any) -> tuple[bytes, bool]:
     another machine, so such values (and lambdas, closures and the like, which the C pickler
     refuses) go through dill, which copies them by value with the globals they use;
     ``by_value`` says so.
+
+    With a ``buffers`` list, the pickle's buffers of at least ``out_of_band_from`` bytes (the
+    ``PickleBuffer`` objects a value reduces to under protocol 5) are appended to it instead of
+    copied into the pickle: load it with ``buffers=`` those buffers, in order.
     """
+    callback = None
+    if buffers is not None:
+
+        def callback(buffer: pickle.PickleBuffer) -> bool:
+            if buffer.raw().nbytes < out_of_band_from:
+                return True  # in band
+            buffers.append(buffer)
+            return False
+
     buffer = io.BytesIO()
     try:
-        _WirePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        _WirePickler(buffer, protocol=5, buffer_callback=callback).dump(value)
     except Exception:
         pass
     else:
         return buffer.getvalue(), False
     del buffer
-    return bytes(dill.dumps(value, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)), True
+    if buffers is not None:
+        buffers.clear()
+    return bytes(dill.dumps(value, protocol=5, recurse=True, buffer_callback=callback)), True
 
 
 def encode_value(value: Any) -> bytes:
