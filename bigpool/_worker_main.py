@@ -62,7 +62,6 @@ MSG_RESULT = 2
 MSG_EXPVARS = 3
 MSG_REVOKED = 4
 LENGTH = struct.Struct(">I")
-SEQ = struct.Struct(">Q")
 # Worker -> machine frame header: body length, kind, number of tasks the chunk had.
 HEADER = struct.Struct(">IBI")
 # How often a worker checks that its parent is still the machine that started it.
@@ -166,6 +165,15 @@ def _read_record(reader: IO[bytes]) -> bytearray | None:
     return _read_exactly(reader, size)
 
 
+def pack_seqs(seqs: list[int]) -> bytes:
+    """Chunk sequence numbers as a revocation request or answer carries them (``>Q`` each)."""
+    return struct.pack(f">{len(seqs)}Q", *seqs)
+
+
+def unpack_seqs(body: bytes | bytearray | memoryview) -> list[int]:
+    return list(struct.unpack_from(f">{len(body) // 8}Q", body))
+
+
 class Gate:
     """Which chunks this worker begins: the main thread takes them in order, the revocation
     thread may withdraw those not begun yet. One lock makes each decision exact."""
@@ -206,12 +214,9 @@ def _serve_revocations(fd: int, gate: Gate, writer: IO[bytes], lock: threading.L
     def serve() -> None:
         with contextlib.suppress(OSError, ValueError), os.fdopen(fd, "rb") as requests:
             while (body := _read_record(requests)) is not None:
-                count = len(body) // SEQ.size
-                seqs = [SEQ.unpack_from(body, i * SEQ.size)[0] for i in range(count)]
                 with gate.lock:  # nothing begins until the answer is written
-                    withdrawn = gate.revoke(seqs)
-                    _send(writer, lock, MSG_REVOKED, 0,
-                          [b"".join(SEQ.pack(seq) for seq in withdrawn)])
+                    withdrawn = gate.revoke(unpack_seqs(body))
+                    _send(writer, lock, MSG_REVOKED, 0, [pack_seqs(withdrawn)])
 
     threading.Thread(target=serve, name="bigpool-worker-revocations", daemon=True).start()
 

@@ -57,9 +57,10 @@ from ._worker_main import (
     MSG_RESULT,
     MSG_REVOKED,
     OK,
-    SEQ,
     TASK_ERROR,
     WORKER_DIED,
+    pack_seqs,
+    unpack_seqs,
 )
 from .h2rpc import StreamReader, StreamWriter
 from .h2rpc.errors import decode_error, encode_error
@@ -228,14 +229,13 @@ class _Worker:
             future.set_result([])
             return future
         self.revocations.append(future)
-        transport.write(LENGTH.pack(len(seqs) * SEQ.size)
-                        + b"".join(SEQ.pack(seq) for seq in seqs))
+        request = pack_seqs(seqs)
+        transport.write(LENGTH.pack(len(request)) + request)
         return future
 
     def revoked(self, body: Buffer) -> list[Chunk]:
         """The worker's answer to the oldest request: take its chunks out of flight."""
-        view = memoryview(body)
-        seqs = {SEQ.unpack_from(view, i)[0] for i in range(0, len(view), SEQ.size)}
+        seqs = set(unpack_seqs(body))
         kept: collections.deque[tuple[Chunk, float, int]] = collections.deque()
         chunks: list[Chunk] = []
         for entry in self.inflight:
