@@ -50,12 +50,23 @@ import dill
 
 from bigpool import expvar
 from bigpool._malloc import tune_malloc
-from bigpool.pool_wire import WORKER_FUNCTIONS, LRUTable, Result, decode_chunk, encode_result
+from bigpool.pool_shm import SHARED_FROM, Ring, RingWriter, Shared, SharedError, materialize
+from bigpool.pool_wire import (
+    OUT_OF_BAND_FROM,
+    WORKER_FUNCTIONS,
+    LRUTable,
+    OutOfBand,
+    Result,
+    decode_chunk,
+    encode_result,
+)
 
 # Result status codes (see bigpool.worker, which re-exports them).
-OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED = 0, 1, 2, 3
+OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED, WORKER_EXITED = 0, 1, 2, 3, 4
 
 ENV_FDS = "BIGPOOL_WORKER_FDS"
+# The pool's shared-memory directory, when the machine shares the driver's host (pool_shm).
+ENV_SHARED_DIR = "BIGPOOL_SHARED_DIR"
 # Kinds of worker -> machine frames.
 MSG_READY = 1
 MSG_RESULT = 2
@@ -95,6 +106,54 @@ def dumps_result(value: object) -> tuple[bytes, bool]:
         return bytes(dill.dumps(value, protocol=5)), True
 
 
+class SharedRings:
+    """A worker's shared memory (:mod:`bigpool.pool_shm`): the driver's argument rings, read,
+    and a result ring of its own, made when first needed. ``directory`` is ``None`` where the
+    machine does not share the driver's host."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self._read: LRUTable[str, Ring] = LRUTable(8)
+        self._writer: RingWriter | None = None
+        self._unusable = False  # the result ring could not be made: use the network
+
+    def arguments(self, shared: Shared) -> list[bytes | bytearray | memoryview]:
+        """Private copies of a chunk's arguments' buffers. Raises :class:`SharedError`."""
+        if self.directory is None:
+            raise SharedError("a chunk's arguments are in shared memory, but this machine "
+                              "does not share the driver's host")
+        ring = self._read.touch(shared.name)
+        if ring is None:
+            ring = Ring.open(self.directory, shared.name)
+            self._read.put(shared.name, ring)  # an evicted ring unmaps when unused
+        return materialize(ring, shared)
+
+    def place_result(self, result: list[Any]) -> tuple[bytes, Shared] | None:
+        """``result`` pickled with its large ``bytes`` values in this worker's result ring:
+        (pickle, where they are); ``None`` when it has none, or they do not fit now."""
+        if self.directory is None or self._unusable:
+            return None
+        wrappers: dict[int, OutOfBand] = {}  # one per object: the pickle's memo keeps one
+        wrapped = [wrappers.setdefault(id(v), OutOfBand(v))
+                   if type(v) is bytes and len(v) >= OUT_OF_BAND_FROM else v for v in result]
+        if sum(len(w.data) for w in wrappers.values()) < SHARED_FROM:
+            return None
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            data = pickle.dumps(wrapped, protocol=5, buffer_callback=buffers.append)
+        except Exception:
+            return None  # dumps_result says why (or uses dill)
+        if self._writer is None:
+            name = f"w{os.getpid()}-{os.urandom(4).hex()}"
+            try:
+                self._writer = RingWriter(Ring.create(os.path.join(self.directory, name)))
+            except OSError:
+                self._unusable = True
+                return None
+        shared = self._writer.put([b.raw() for b in buffers])
+        return None if shared is None else (data, shared)
+
+
 class LoadFailure:
     """A function that could not be unpickled here: its encoded error, kept for every chunk."""
 
@@ -109,23 +168,30 @@ def run_chunk(
     star: bool,
     args_dill: bool = True,
     buffers: tuple[bytes | bytearray | memoryview, ...] = (),
+    shared: Shared | None = None,
+    rings: SharedRings | None = None,
 ) -> tuple[list[bytes | bytearray | memoryview], int]:
     """Run one chunk; its result record (buffers to write in order) and how many tasks it had.
 
     ``func`` is the callable, or a :class:`LoadFailure` (the chunk then fails with its error).
     Semantics are ``multiprocessing.pool``'s ``mapstar``/``starmapstar``: the result is the list
-    of return values, or the first exception raised (the whole chunk fails with it).
+    of return values, or the first exception raised (the whole chunk fails with it). With
+    ``rings``, the arguments' buffers may be ``shared`` and large results go back through them.
     """
     started = time.perf_counter()
     ntasks = 0
     payload: bytes
     payload_dill = False
+    result_shared: Shared | None = None
     if isinstance(func, LoadFailure):
         status, payload = TASK_ERROR, func.encoded
     else:
         try:
-            oob = buffers or None  # the pickle's out-of-band buffers (see pool_wire)
+            oob: Any = buffers or None  # the pickle's out-of-band buffers (see pool_wire)
+            if shared is not None:
+                oob = (rings or SharedRings(None)).arguments(shared)
             tasks = dill.loads(args, buffers=oob) if args_dill else pickle.loads(args, buffers=oob)
+            del oob
             ntasks = len(tasks)
             result = [func(*t) for t in tasks] if star else [func(t) for t in tasks]
             del tasks
@@ -133,14 +199,18 @@ def run_chunk(
             status, payload = TASK_ERROR, _encode_error(exc)
         else:
             try:
-                payload, payload_dill = dumps_result(result)
+                placed = rings.place_result(result) if rings is not None else None
+                if placed is not None:
+                    payload, result_shared = placed
+                else:
+                    payload, payload_dill = dumps_result(result)
                 status = OK
             except Exception as exc:
                 status = ENCODE_ERROR
                 payload = pickle.dumps((_short_repr(exc), _short_repr(result)), protocol=5)
             del result
     record = Result(chunk_id, status, payload, os.getpid(), time.perf_counter() - started,
-                    payload_dill)
+                    payload_dill, result_shared)
     return encode_result(record), ntasks
 
 
@@ -276,6 +346,7 @@ def main() -> None:
     ppid = os.getppid()
     _watch_parent(ppid)
     read_fd, write_fd, revoke_fd = (int(fd) for fd in os.environ.pop(ENV_FDS).split(","))
+    shared_dir = os.environ.pop(ENV_SHARED_DIR, None) or None
     for fd in (read_fd, write_fd, revoke_fd):
         os.set_inheritable(fd, False)
     with contextlib.suppress(Exception):
@@ -303,6 +374,7 @@ def main() -> None:
     _serve_revocations(revoke_fd, gate, writer, lock)
 
     cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
+    rings = SharedRings(shared_dir)
     while True:
         body = _read_record(reader)
         if body is None:
@@ -314,7 +386,7 @@ def main() -> None:
             del body, chunk
             continue
         record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star, chunk.args_dill,
-                                   chunk.buffers)
+                                   chunk.buffers, chunk.shared, rings)
         del body, chunk
         with lock:
             sent_expvars = _send_expvars(writer, sent_expvars)

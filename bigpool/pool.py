@@ -60,12 +60,26 @@ from .h2rpc.errors import decode_error
 from .h2rpc.wire import pickle_value
 from .machine import B, Machine, State
 from .machine import start as start_driver
+from .pool_shm import (
+    SHARED_FROM,
+    ReleaseTracker,
+    Ring,
+    RingWriter,
+    Shared,
+    SharedError,
+    make_pool_dir,
+    materialize,
+    remove_pool_dir,
+    sweep_stale_dirs,
+)
 from .pool_wire import (
     DRIVER_FUNCTIONS,
     INLINE_LIMIT,
+    OUT_OF_BAND_FROM,
     Buffer,
     Chunk,
     LRUTable,
+    OutOfBand,
     Pieces,
     Result,
     ResultDecoder,
@@ -78,6 +92,7 @@ from .worker import (
     SERVICE_NAME,
     TASK_ERROR,
     WORKER_DIED,
+    WORKER_EXITED,
     PoolWorkerService,
     result_details,
 )
@@ -103,9 +118,8 @@ WORKER_STOP_TIMEOUT = 10.0
 # A chunk whose arguments pickle to at least this much keeps its tasks, not their pickle, while
 # it waits to be sent (memory, and fresh pages that cost more than pickling again).
 REPICKLE_FROM = 1024 * 1024
-# Task arguments (bytes) and pickle buffers at least this large travel out of band (see
-# bigpool.pool_wire): sent as they are, never copied into a pickle.
-OUT_OF_BAND_FROM = INLINE_LIMIT
+# Set to 0 to keep every payload on the network, even to machines on the driver's host.
+SHARED_MEMORY_ENV = "BIGPOOL_SHARED_MEMORY"
 # A result at least this large that arrives in several pieces is unpickled from the pieces.
 PIECES_FROM = 256 * 1024
 # How long a lost machine's chunks wait for its system to say how it died (retries wait too).
@@ -186,30 +200,17 @@ def _function(func: Callable[..., Any]) -> _Function:
     return function
 
 
-class _OutOfBand:
-    """A large ``bytes`` task argument, pickled as a protocol-5 out-of-band buffer: the chunk
-    record carries the object itself (no copy into the pickle) and it loads as ``bytes``."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return bytes, (pickle.PickleBuffer(self.data),)
-
-
 def _with_out_of_band(tasks: list[Any], star: bool) -> list[Any] | None:
     """``tasks`` with each large ``bytes`` argument (a task itself, or an element of a task's
-    argument tuple) wrapped in :class:`_OutOfBand`; ``None`` when there are none."""
+    argument tuple) wrapped in :class:`OutOfBand`; ``None`` when there are none."""
     limit = OUT_OF_BAND_FROM
     wrapped: list[Any] | None = None
-    wrappers: dict[int, _OutOfBand] = {}  # one per object: the pickle's memo keeps one copy
+    wrappers: dict[int, OutOfBand] = {}  # one per object: the pickle's memo keeps one copy
 
-    def wrap(data: bytes) -> _OutOfBand:
+    def wrap(data: bytes) -> OutOfBand:
         wrapper = wrappers.get(id(data))
         if wrapper is None:
-            wrapper = wrappers[id(data)] = _OutOfBand(data)
+            wrapper = wrappers[id(data)] = OutOfBand(data)
         return wrapper
 
     for i, task in enumerate(tasks):
@@ -248,6 +249,10 @@ def _raw(buffer: pickle.PickleBuffer) -> Buffer:
     return view
 
 
+def _size(buffers: tuple[Buffer, ...]) -> int:
+    return sum(len(buffer) for buffer in buffers)
+
+
 def _note(exc: BaseException, text: str) -> None:
     """Say in the traceback what bigpool was doing (Python 3.11+ shows notes)."""
     add_note = getattr(exc, "add_note", None)
@@ -278,7 +283,7 @@ class _ChunkRef:
     """
 
     __slots__ = ("args", "args_dill", "attempts", "blocking", "buffers", "chunk_id", "func",
-                 "index", "job", "ntasks", "sent_at", "star", "tasks")
+                 "index", "job", "ntasks", "sent_at", "shared", "star", "tasks")
 
     def __init__(self, job: _Job, index: int, func: _Function, args: bytes | None,
                  args_dill: bool, ntasks: int, star: bool, chunk_id: int,
@@ -296,6 +301,7 @@ class _ChunkRef:
         self.chunk_id = chunk_id
         self.blocking = False  # dispatched while its function was not known to be quick
         self.sent_at = 0.0  # time.monotonic() when last written to a machine
+        self.shared: Shared | None = None  # its buffers' region in its machine's ring, if any
 
 
 class _Job:
@@ -602,6 +608,12 @@ class _Feed:
         self.tasks: list[asyncio.Task[None]] = []
         self.stealing = False
         self.blocking = 0  # chunks in flight that may be long (see _send_loop)
+        # Shared memory with a machine on this host (bigpool.pool_shm): the ring its chunks'
+        # large arguments go through, and its workers' result rings by name.
+        self.arg_writer: RingWriter | None = None
+        self.arg_regions: ReleaseTracker | None = None
+        self.arg_ring_full_at: int | None = None  # its released mark when last found full
+        self.result_rings: dict[str, Ring] = {}
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -613,6 +625,10 @@ class _Feed:
             await machine.wait_async(State.RUNNING)
             if machine.state is not State.RUNNING:
                 raise machine.err() or BigpoolError(f"machine {machine.addr} stopped")
+            shared_dir = self.scheduler.pool._shared_dir
+            if shared_dir is not None and await machine._call(
+                    f"{SERVICE_NAME}.shared_memory", None, None):
+                self._open_arg_ring(shared_dir)
             reader = await machine._call(f"{SERVICE_NAME}.results", None, None)
             assert isinstance(reader, StreamReader)
             self.ready = True
@@ -635,6 +651,16 @@ class _Feed:
             self.scheduler.feed_lost(self, exc)
             return
         self.scheduler.feed_lost(self, BigpoolError(f"machine {machine.addr} ended its results"))
+
+    def _open_arg_ring(self, directory: str) -> None:
+        name = f"a{os.urandom(6).hex()}"
+        try:
+            ring = Ring.create(os.path.join(directory, name))
+        except OSError as exc:
+            _log.debug("no shared memory for machine %s: %s", self.machine.addr, exc)
+            return
+        self.arg_writer = RingWriter(ring)
+        self.arg_regions = ReleaseTracker(ring)
 
     async def _send_loop(self) -> None:
         """Feed the machine on one streamed call for the pool's life (no round trip per batch)."""
@@ -680,6 +706,12 @@ class _Feed:
             depth = scheduler.depth(head.func.id)
             if self.room(depth) <= 0:
                 break
+            if self.arg_ring_full_at is not None and (head.args is None or _size(head.buffers)
+                                                      >= SHARED_FROM):
+                assert self.arg_regions is not None
+                if self.arg_regions.ring.released == self.arg_ring_full_at:
+                    break  # a large chunk waits for room (results make it) here or elsewhere
+                self.arg_ring_full_at = None
             ref = scheduler.take()
             assert ref is not None
             if not ref.job.start():
@@ -693,6 +725,16 @@ class _Feed:
                 except Exception as exc:  # pickled once already: the tasks changed since
                     scheduler.complete(ref, False, exc)
                     continue
+            if self.arg_writer is not None and buffers and (
+                    SHARED_FROM <= _size(buffers) <= self.arg_writer.ring.capacity):
+                assert self.arg_regions is not None
+                ref.shared = self.arg_writer.put(buffers)
+                if ref.shared is None:  # full: wait for room rather than take the slow way
+                    self.arg_ring_full_at = self.arg_regions.ring.released
+                    scheduler.pending.appendleft(ref)
+                    break
+                self.arg_regions.placed(ref.shared)
+                buffers = ()
             ref.blocking = depth == 1
             ref.sent_at = now
             self.blocking += ref.blocking
@@ -703,7 +745,7 @@ class _Feed:
                 self.sent_functions.put(fid, True)
                 func = ref.func.data
             for part in encode_chunk(Chunk(ref.chunk_id, fid, func, args, ref.star,
-                                           ref.args_dill, buffers)):
+                                           ref.args_dill, buffers, ref.shared)):
                 if len(part) < INLINE_LIMIT:
                     small.append(part)
                     continue
@@ -736,10 +778,15 @@ class _Feed:
                         return
                     answered: list[tuple[_ChunkRef, Result]] = []
                     for result in decoder.feed(data):
+                        if result.status == WORKER_EXITED:
+                            self._worker_exited(result.pid)
+                            continue
                         ref = self.take_back(result.chunk_id)
                         if ref is not None:
                             measured(ref.func.id, result.seconds)
                             answered.append((ref, result))
+                        elif result.shared is not None:
+                            self._release_result(result.shared)
                     if not answered or not self.alive:
                         continue
                     self.pump()  # the freed room is refilled by one write per read
@@ -759,7 +806,7 @@ class _Feed:
         status = result.status
         if status == OK:
             try:
-                value = _load_payload(result)
+                value = self._load_shared(result) if result.shared else _load_payload(result)
             except Exception as exc:
                 self.scheduler.complete(ref, False, exc)
                 return
@@ -784,6 +831,57 @@ class _Feed:
         else:
             self.scheduler.complete(ref, False, BigpoolError(f"unknown result status {status}"))
 
+    def _load_shared(self, result: Result) -> Any:
+        """Unpickle a result whose large values are in a worker's shared-memory ring, and let
+        the worker reuse their space."""
+        shared = result.shared
+        assert shared is not None
+        ring = self._result_ring(shared.name)
+        try:
+            if shared.position < ring.released:
+                raise SharedError(f"a result in ring {shared.name} at {shared.position} was "
+                                  "released already")
+            buffers = materialize(ring, shared)
+        finally:
+            self._release_result(shared)
+        payload = bytes(result.payload) if isinstance(result.payload, Pieces) else result.payload
+        return (dill.loads if result.payload_dill else pickle.loads)(payload, buffers=buffers)
+
+    def _result_ring(self, name: str) -> Ring:
+        ring = self.result_rings.get(name)
+        if ring is None:
+            directory = self.scheduler.pool._shared_dir
+            if directory is None or not name.startswith("w"):
+                raise SharedError(f"machine {self.machine.addr} named a shared-memory ring "
+                                  f"({name!r}) it was not given")
+            ring = self.result_rings[name] = Ring.open(directory, name, writable=True)
+        return ring
+
+    def _release_result(self, shared: Shared) -> None:
+        with contextlib.suppress(SharedError):
+            ring = self._result_ring(shared.name)
+            if shared.end > ring.released:
+                ring.release(shared.end)
+
+    def _worker_exited(self, pid: int | None) -> None:
+        """A worker of this machine exited: its result ring (if it made one) goes."""
+        prefix = f"w{pid}-"
+        for name in [n for n in self.result_rings if n.startswith(prefix)]:
+            ring = self.result_rings.pop(name)
+            ring.unlink()
+            ring.close()
+
+    def _drop_rings(self) -> None:
+        """Let go of every ring (the machine is gone, or the pool): never to be reused."""
+        if self.arg_writer is not None:
+            self.arg_writer.ring.unlink()
+            self.arg_writer.ring.close()
+            self.arg_writer = self.arg_regions = None
+        for ring in self.result_rings.values():
+            ring.unlink()
+            ring.close()
+        self.result_rings.clear()
+
     def room(self, depth: int) -> int:
         """How many more chunks of a function of ``depth`` this feed would take now.
 
@@ -796,15 +894,22 @@ class _Feed:
     def take_back(self, chunk_id: int) -> _ChunkRef | None:
         """Forget the in-flight chunk ``chunk_id`` (answered, lost or reclaimed)."""
         ref = self.in_flight.pop(chunk_id, None)
-        if ref is not None and ref.blocking:
+        if ref is None:
+            return None
+        if ref.blocking:
             self.blocking -= 1
             ref.blocking = False
+        if ref.shared is not None:
+            if self.arg_regions is not None:
+                self.arg_regions.free(ref.shared)
+            ref.shared = None
         return ref
 
     def stop(self) -> None:
         self.alive = False
         for task in self.tasks:
             task.cancel()
+        self._drop_rings()
 
 
 class _Scheduler:
@@ -1024,6 +1129,7 @@ class _Scheduler:
             machine=machine.addr,
             exitcode=getattr(reason, "returncode", None),
         )
+        feed._drop_rings()  # its workers may still read them: never reused
         refs = sorted(feed.in_flight.values(), key=lambda r: r.chunk_id, reverse=True)
         for ref in refs:
             feed.take_back(ref.chunk_id)
@@ -1092,6 +1198,7 @@ class BigPool:
         services: Mapping[str, object] | None = None,
         retries: int = 3,
         debug: str | None = None,
+        shared_memory: bool = True,
         _fail_on_start: bool = True,
         **system_options: Any,
     ) -> None:
@@ -1124,8 +1231,10 @@ class BigPool:
         )
         self._callback_thread.start()
         self._b: B | None = None
+        self._shared_dir: str | None = None
         try:
             tune_malloc()
+            shared_token = self._make_shared_dir() if shared_memory else None
             self._b = start_driver(system, debug=debug, **system_options)
             maxprocs = self._b.system.maxprocs()
             count = _machines_for(processes, maxprocs)
@@ -1133,7 +1242,7 @@ class BigPool:
             if initializer is not None:
                 initializer_data = bytes(dill.dumps((initializer, tuple(initargs)), recurse=True))
             worker = PoolWorkerService(min(processes, maxprocs), initializer_data,
-                                       maxtasksperchild)
+                                       maxtasksperchild, self._shared_dir, shared_token)
             all_services: dict[str, object] = {SERVICE_NAME: worker}
             for name, obj in (services or {}).items():
                 if name == SERVICE_NAME:
@@ -1156,6 +1265,31 @@ class BigPool:
 
     def __repr__(self) -> str:
         return f"<BigPool state={self._state} processes={self._processes}>"
+
+    def _make_shared_dir(self) -> str | None:
+        """Make the pool's shared-memory directory (bigpool.pool_shm) with a probe file that
+        machines on this host will find; the probe's token, or ``None`` (no shared memory:
+        ``$BIGPOOL_SHARED_MEMORY`` is 0, or ``/dev/shm`` cannot be used)."""
+        if os.environ.get(SHARED_MEMORY_ENV, "1") == "0":
+            return None
+        token = os.urandom(16).hex()
+        try:
+            sweep_stale_dirs()
+            self._shared_dir = make_pool_dir()
+            fd = os.open(os.path.join(self._shared_dir, "probe"),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as probe:
+                probe.write(token)
+        except OSError as exc:
+            _log.debug("no shared memory for the pool's machines: %s", exc)
+            self._remove_shared_dir()
+            return None
+        return token
+
+    def _remove_shared_dir(self) -> None:
+        directory, self._shared_dir = self._shared_dir, None
+        if directory is not None:
+            remove_pool_dir(directory)
 
     async def _attach(self, machines: list[Machine]) -> None:
         for machine in machines:
@@ -1467,6 +1601,7 @@ class BigPool:
             except Exception:
                 _log.debug("stopping the pool's workers failed", exc_info=True)
             b.shutdown()
+        self._remove_shared_dir()
         if self._callback_thread.is_alive():
             self._callbacks.put(None)
             if threading.current_thread() is not self._callback_thread:
@@ -1505,6 +1640,7 @@ class BigPoolExecutor(concurrent.futures.Executor):
         services: Mapping[str, object] | None = None,
         retries: int = 3,
         debug: str | None = None,
+        shared_memory: bool = True,
         **system_options: Any,
     ) -> None:
         if max_workers is not None:
@@ -1522,7 +1658,8 @@ class BigPoolExecutor(concurrent.futures.Executor):
         try:
             self._pool = BigPool(max_workers, initializer, initargs, max_tasks_per_child,
                                  system=system, services=services, retries=retries,
-                                 debug=debug, _fail_on_start=False, **system_options)
+                                 debug=debug, shared_memory=shared_memory,
+                                 _fail_on_start=False, **system_options)
         except BrokenExecutor:
             raise
         except BigpoolError as exc:

@@ -20,13 +20,18 @@ and the arguments' part of the record is::
 so a large ``bytes`` argument travels as itself: the driver neither copies it into a pickle
 nor pickles it twice, and the machine passes the buffers on with the rest of the record.
 
+With flag bit 3 (shared) the buffers are in a shared-memory ring instead
+(:mod:`bigpool.pool_shm`, for machines on the driver's host) and the arguments' part is the
+ring's descriptor (:func:`bigpool.pool_shm.encode_shared`) followed by the pickle.
+
 Machines hand chunks to their worker processes in the same record. Results come back, from
 worker to machine and on to the driver (the ``BigPoolWorker.results`` stream), as::
 
     >I  record length
     >Q  chunk id
     >B  status (OK, TASK_ERROR, ENCODE_ERROR, WORKER_DIED: see bigpool.worker)
-    >B  flags (bit 1: the payload needs dill)
+    >B  flags (bit 1: the payload needs dill; bit 3: shared, the payload is a shared-memory
+        descriptor, then a pickle whose out-of-band buffers it describes)
     >i  pid of the worker that ran it (-1: none)
     >d  seconds the chunk took
         the payload (to the end)
@@ -39,18 +44,23 @@ the very bytes between the driver and its worker processes.
 from __future__ import annotations
 
 import collections
+import pickle
 import struct
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
+
+from .pool_shm import Shared, SharedError, decode_shared, encode_shared
 
 __all__ = [
     "DRIVER_FUNCTIONS",
     "MACHINE_FUNCTIONS",
     "MAX_RECORD",
+    "OUT_OF_BAND_FROM",
     "WORKER_FUNCTIONS",
     "Chunk",
     "ChunkDecoder",
     "LRUTable",
+    "OutOfBand",
     "Pieces",
     "PiecesReader",
     "RecordAssembler",
@@ -70,6 +80,7 @@ RESULT_HEADER = struct.Struct(">QBBid")
 FLAG_STAR = 1
 FLAG_DILL = 2
 FLAG_BUFFERS = 4
+FLAG_SHARED = 8
 BUFFER_COUNT = struct.Struct(">I")
 BUFFER_LENGTH = struct.Struct(">Q")
 # Functions remembered: by a driver per machine (as sent), by a machine (as received; never
@@ -83,7 +94,25 @@ MAX_RECORD = (1 << 32) - 1
 # record's head.
 INLINE_LIMIT = 64 * 1024
 
+# Task arguments and results (bytes), and pickle buffers, at least this large travel out of
+# band: sent as they are, never copied into a pickle.
+OUT_OF_BAND_FROM = INLINE_LIMIT
+
 Buffer = bytes | bytearray | memoryview
+
+
+class OutOfBand:
+    """A large ``bytes`` value, pickled as a protocol-5 out-of-band buffer: the record (or a
+    shared-memory ring) carries the object itself, no copy goes into the pickle, and it loads
+    as ``bytes``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
 
 
 @dataclass(slots=True)
@@ -109,6 +138,7 @@ class Chunk:
     star: bool
     args_dill: bool = True
     buffers: tuple[Buffer, ...] = ()  # out-of-band buffers of ``args`` (byte-format views)
+    shared: Shared | None = None  # or where they are in shared memory (see pool_shm)
 
 
 @dataclass(frozen=True)
@@ -121,6 +151,7 @@ class Result:
     pid: int | None
     seconds: float
     payload_dill: bool = True
+    shared: Shared | None = None  # the payload's out-of-band buffers in shared memory
 
 
 K = TypeVar("K")
@@ -170,7 +201,12 @@ def encode_chunk(chunk: Chunk, include_function: bool = True) -> list[Buffer]:
     buffers = chunk.buffers
     flags = (FLAG_STAR if chunk.star else 0) | (FLAG_DILL if chunk.args_dill else 0)
     layout = b""
-    if buffers:
+    if chunk.shared is not None:
+        if buffers:
+            raise ValueError("a chunk's buffers are either in the record or shared, not both")
+        flags |= FLAG_SHARED
+        layout = encode_shared(chunk.shared)
+    elif buffers:
         flags |= FLAG_BUFFERS
         layout = BUFFER_COUNT.pack(len(buffers)) + b"".join(
             BUFFER_LENGTH.pack(len(buffer)) for buffer in buffers
@@ -195,7 +231,8 @@ def decode_chunk(body: memoryview) -> Chunk:
     if len(body) < CHUNK_HEADER.size:
         raise RecordError(f"a chunk record of {len(body)} bytes is shorter than its header")
     flags, chunk_id, id_size, func_size = CHUNK_HEADER.unpack_from(body)
-    if flags & ~(FLAG_STAR | FLAG_DILL | FLAG_BUFFERS):
+    if flags & ~(FLAG_STAR | FLAG_DILL | FLAG_BUFFERS | FLAG_SHARED) or (
+            flags & FLAG_BUFFERS and flags & FLAG_SHARED):
         raise RecordError(f"chunk {chunk_id}: unknown flags {flags:#x}")
     start = CHUNK_HEADER.size
     args_start = start + id_size + func_size
@@ -205,10 +242,22 @@ def decode_chunk(body: memoryview) -> Chunk:
     func = bytes(body[start + id_size : args_start]) if func_size else None
     args = body[args_start:]
     buffers: tuple[memoryview, ...] = ()
+    shared = None
     if flags & FLAG_BUFFERS:
         args, buffers = _split_buffers(chunk_id, args)
+    elif flags & FLAG_SHARED:
+        shared, args = _split_shared(f"chunk {chunk_id}", args)
     return Chunk(chunk_id, func_id, func, args, bool(flags & FLAG_STAR),
-                 bool(flags & FLAG_DILL), buffers)
+                 bool(flags & FLAG_DILL), buffers, shared)
+
+
+def _split_shared(what: str, field: memoryview) -> tuple[Shared, memoryview]:
+    """The shared-memory descriptor at the start of ``field`` and the pickle after it."""
+    try:
+        shared, size = decode_shared(field)
+    except SharedError as exc:
+        raise RecordError(f"{what}: {exc}") from None
+    return shared, field[size:]
 
 
 def _split_buffers(chunk_id: int, field: memoryview) -> tuple[memoryview, tuple[memoryview, ...]]:
@@ -236,12 +285,16 @@ def _split_buffers(chunk_id: int, field: memoryview) -> tuple[memoryview, tuple[
 def encode_result(result: Result) -> list[Buffer]:
     """The buffers of ``result``'s record, to be written in order (a large payload uncopied)."""
     payload = bytes(result.payload) if isinstance(result.payload, Pieces) else result.payload
+    flags = FLAG_DILL if result.payload_dill else 0
+    if result.shared is not None:
+        flags |= FLAG_SHARED
+        payload = encode_shared(result.shared) + payload
     size = RESULT_HEADER.size + len(payload)
     if size > MAX_RECORD:
         raise ValueError(f"a result of {size} bytes is larger than a record may be ({MAX_RECORD})")
     head = LENGTH.pack(size) + RESULT_HEADER.pack(
-        result.chunk_id, result.status, FLAG_DILL if result.payload_dill else 0,
-        -1 if result.pid is None else result.pid, result.seconds,
+        result.chunk_id, result.status, flags, -1 if result.pid is None else result.pid,
+        result.seconds,
     )
     if len(payload) < INLINE_LIMIT:
         return [head + payload]
@@ -263,8 +316,12 @@ def decode_result(body: memoryview | Pieces) -> Result:
     else:
         head, payload = body, body[RESULT_HEADER.size :]
     chunk_id, status, flags, pid, seconds = RESULT_HEADER.unpack_from(head)
+    shared = None
+    if flags & FLAG_SHARED:
+        field = bytes(payload) if isinstance(payload, Pieces) else payload
+        shared, payload = _split_shared(f"result of chunk {chunk_id}", memoryview(field))
     return Result(chunk_id, status, payload, None if pid < 0 else pid, seconds,
-                  bool(flags & FLAG_DILL))
+                  bool(flags & FLAG_DILL), shared)
 
 
 class Pieces:

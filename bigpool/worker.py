@@ -24,6 +24,8 @@ chunks complete: the records one read of the workers' sockets brings go out toge
 * :data:`WORKER_DIED`: ``pickle(dict)`` with ``{"pid", "exitcode", "signal", "oom",
   "stderr_tail", "message"}``: the worker process died while running the chunk (it is
   replaced).
+* :data:`WORKER_EXITED`: no payload, ``chunk_id`` 0; the worker ``pid`` has exited and
+  will send nothing more (the driver lets go of its shared-memory result ring).
 
 :func:`result_details` unpickles the last two. ``pid`` is the worker's (``None`` for a record
 the machine made without a worker) and ``seconds`` the time the chunk took.
@@ -50,6 +52,7 @@ from . import expvar
 from ._worker_main import (
     ENCODE_ERROR,
     ENV_FDS,
+    ENV_SHARED_DIR,
     HEADER,
     LENGTH,
     MSG_EXPVARS,
@@ -59,6 +62,7 @@ from ._worker_main import (
     OK,
     TASK_ERROR,
     WORKER_DIED,
+    WORKER_EXITED,
     pack_seqs,
     unpack_seqs,
 )
@@ -85,6 +89,7 @@ __all__ = [
     "SERVICE_NAME",
     "TASK_ERROR",
     "WORKER_DIED",
+    "WORKER_EXITED",
     "Chunk",
     "PoolWorkerService",
     "WorkerStartError",
@@ -370,6 +375,10 @@ class PoolWorkerService:
     every worker process (also in replacements). ``maxtasksperchild``: a worker that has run
     that many tasks (not chunks) exits after its chunk and is replaced by a new process.
 
+    ``shared_dir`` and ``shared_token`` offer the pool's shared-memory directory
+    (:mod:`bigpool.pool_shm`): the machine uses it if it finds ``shared_token`` in the file
+    ``probe`` there, that is, if it shares the driver's host (:meth:`shared_memory` says).
+
     The object is pickled on the driver and used on the machine: only this configuration
     travels; the processes and queues are made by :meth:`init` on the machine.
     """
@@ -379,6 +388,8 @@ class PoolWorkerService:
         processes: int,
         initializer: bytes | None = None,
         maxtasksperchild: int | None = None,
+        shared_dir: str | None = None,
+        shared_token: str | None = None,
     ) -> None:
         if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
             raise ValueError(f"processes must be a positive integer, not {processes!r}")
@@ -393,9 +404,12 @@ class PoolWorkerService:
         self.processes = processes
         self.initializer = initializer
         self.maxtasksperchild = maxtasksperchild
+        self.shared_dir = shared_dir
+        self.shared_token = shared_token
         self._setup()
 
     def _setup(self) -> None:
+        self._shared = False  # the shared-memory directory is in use here
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workers: list[_Worker] = []  # live, not retiring
         self._all: set[_Worker] = set()  # every process not yet reaped
@@ -420,12 +434,16 @@ class PoolWorkerService:
             "processes": self.processes,
             "initializer": self.initializer,
             "maxtasksperchild": self.maxtasksperchild,
+            "shared_dir": self.shared_dir,
+            "shared_token": self.shared_token,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.processes = state["processes"]
         self.initializer = state["initializer"]
         self.maxtasksperchild = state["maxtasksperchild"]
+        self.shared_dir = state.get("shared_dir")
+        self.shared_token = state.get("shared_token")
         self._setup()
 
     # service methods ----------------------------------------------------------------------
@@ -439,6 +457,10 @@ class PoolWorkerService:
         """
         self._loop = asyncio.get_running_loop()
         self._env = _worker_env()
+        self._shared = self._sees_shared_dir()
+        if self._shared:
+            assert self.shared_dir is not None
+            self._env[ENV_SHARED_DIR] = self.shared_dir
         try:
             for _ in range(self.processes):
                 await self._spawn(replacement=False)
@@ -470,6 +492,24 @@ class PoolWorkerService:
             await self.shutdown_workers()
             raise
         self._monitor = self._loop.create_task(self._watch())
+
+    def _sees_shared_dir(self) -> bool:
+        if not self.shared_dir or not self.shared_token:
+            return False
+        try:
+            fd = os.open(os.path.join(self.shared_dir, "probe"), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                found = os.read(fd, 256)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return found == self.shared_token.encode()
+
+    def shared_memory(self, _: object = None) -> bool:
+        """Whether large payloads may travel through the pool's shared-memory directory (this
+        machine shares the driver's host: see :mod:`bigpool.pool_shm`)."""
+        return self._shared
 
     async def submit(self, batch: list[Chunk]) -> int:
         """Queue ``batch``'s chunks (FIFO) and return at once how many were queued.
@@ -836,6 +876,8 @@ class PoolWorkerService:
         w.close_pipes()
         self._all.discard(w)
         expvar.fold(self._past_expvars, w.expvars)
+        if self._shared and not self._closed:
+            self._emit(_record(0, WORKER_EXITED, b"", w.pid, 0.0))
         if self._closed or w.retiring:
             return
         exitcode = w.proc.returncode

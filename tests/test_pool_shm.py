@@ -1,0 +1,315 @@
+"""Large pool payloads through shared memory (bigpool.pool_shm): the rings on their own, the
+records that name them, a worker's side, and pools on the local and test systems."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pool_support import wait_until
+
+import bigpool.pool_shm as pool_shm
+from bigpool import BigPool
+from bigpool._worker_main import OK, SharedRings, run_chunk
+from bigpool.pool_shm import (
+    ALIGN,
+    KIND_BYTEARRAY,
+    KIND_BYTES,
+    ReleaseTracker,
+    Ring,
+    RingWriter,
+    Shared,
+    SharedError,
+    decode_shared,
+    encode_shared,
+    make_pool_dir,
+    materialize,
+    sweep_stale_dirs,
+)
+from bigpool.pool_wire import (
+    Chunk,
+    OutOfBand,
+    RecordError,
+    Result,
+    decode_chunk,
+    decode_result,
+    encode_chunk,
+    encode_result,
+)
+from bigpool.worker import PoolWorkerService
+
+MiB = 1 << 20
+needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
+
+
+@pytest.fixture
+def ring_dir(tmp_path: Path) -> str:
+    return str(tmp_path)
+
+
+# rings --------------------------------------------------------------------------------------
+
+
+def test_a_payload_read_back_is_what_was_written_with_its_kinds(ring_dir: str) -> None:
+    ring = Ring.create(os.path.join(ring_dir, "a1"), capacity=1 * MiB)
+    writer = RingWriter(ring)
+    first, second = os.urandom(1000), bytearray(os.urandom(3000))
+    shared = writer.put([first, memoryview(second)])
+    assert shared is not None
+    assert shared.buffers == ((1000, KIND_BYTES), (3000, KIND_BYTEARRAY))
+    assert shared.position % ALIGN == 0 and shared.end == shared.position + 1024 + 3008
+    reader = Ring.open(ring_dir, "a1")  # another mapping of the same file, as a worker's
+    got = materialize(reader, shared)
+    assert got == [first, second]
+    assert type(got[0]) is bytes and type(got[1]) is bytearray
+    # Private copies: later writes to the ring do not change them.
+    ring.region(shared.position, 10)[:] = bytes(10)
+    assert got[0] == first
+    reader.close()
+    ring.close()
+
+
+def test_space_is_reused_once_released_and_a_full_ring_says_so(ring_dir: str) -> None:
+    ring = Ring.create(os.path.join(ring_dir, "r"), capacity=4096)
+    writer = RingWriter(ring)
+    a = writer.put([b"a" * 1500])
+    b = writer.put([b"b" * 1500])
+    assert a is not None and b is not None and (a.position, b.position) == (0, 1536)
+    assert writer.put([b"c" * 1500]) is None  # 3072 + 1536 > 4096: no room until released
+    ring.release(a.end)
+    c = writer.put([b"c" * 1500])
+    assert c is not None and c.position == 4096  # skipped the tail: no region wraps
+    assert ring.region(c.position, 3) == b"ccc"
+    assert writer.put([b"d" * 2000]) is None
+    ring.release(c.end)  # all released: the next one starts at the ring's start again
+    d = writer.put([b"d" * 2000])
+    assert d is not None and d.position % 4096 == 0
+    assert writer.put([b"x" * 5000]) is None  # larger than the ring: never fits
+    ring.close()
+
+
+def test_out_of_order_frees_move_the_mark_only_past_freed_regions(ring_dir: str) -> None:
+    ring = Ring.create(os.path.join(ring_dir, "r"), capacity=64 * 1024)
+    writer, tracker = RingWriter(ring), ReleaseTracker(ring)
+    regions = [writer.put([bytes(1000)]) for _ in range(3)]
+    for region in regions:
+        assert region is not None
+        tracker.placed(region)
+    first, second, third = regions
+    assert first is not None and second is not None and third is not None
+    tracker.free(second)
+    assert ring.released == 0  # the first is still in use
+    tracker.free(first)
+    assert ring.released == second.end
+    tracker.free(third)
+    assert ring.released == third.end and len(tracker) == 0
+    ring.close()
+
+
+def test_descriptors_round_trip_and_malformed_ones_are_named() -> None:
+    shared = Shared("w12-0a0b0c0d", 123 * ALIGN, ((5, KIND_BYTES), (7, KIND_BYTEARRAY)))
+    data = encode_shared(shared) + b"rest"
+    assert decode_shared(data) == (shared, len(data) - 4)
+    with pytest.raises(SharedError, match="too short"):
+        decode_shared(data[:5])
+    with pytest.raises(SharedError, match="does not fit"):
+        decode_shared(data[:20])
+    with pytest.raises(SharedError, match="is not a shared-memory ring name"):
+        decode_shared(encode_shared(Shared("../etc", 0, ((1, KIND_BYTES),))))
+    with pytest.raises(SharedError, match="kind"):
+        decode_shared(encode_shared(Shared("r", 0, ((1, 9),))))
+    with pytest.raises(SharedError, match="0 buffers"):
+        decode_shared(encode_shared(Shared("r", 0, ())))
+
+
+def test_a_ring_is_opened_only_by_plain_name_and_must_be_a_ring(ring_dir: str) -> None:
+    Path(ring_dir, "plain").write_bytes(b"x" * 8192)
+    with pytest.raises(SharedError, match=r"is not a shared-memory ring$"):
+        Ring.open(ring_dir, "plain")
+    ring = Ring.create(os.path.join(ring_dir, "real"), capacity=4096)
+    os.symlink(os.path.join(ring_dir, "real"), os.path.join(ring_dir, "link"))
+    with pytest.raises(SharedError, match="cannot be opened"):
+        Ring.open(ring_dir, "link")  # never followed
+    with pytest.raises(SharedError, match="not a shared-memory ring name"):
+        Ring.open(ring_dir, "../real")
+    with pytest.raises(SharedError, match="overruns"):
+        ring.region(4000, 200)
+    with pytest.raises(FileExistsError):
+        Ring.create(os.path.join(ring_dir, "real"))
+    ring.close()
+
+
+def test_stale_pool_directories_of_dead_drivers_are_swept(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_dir = tmp_path / f"bigpool-{int(dead.stdout)}-{'0' * 16}"
+    dead_dir.mkdir()
+    (dead_dir / "a1").write_bytes(b"left behind")
+    live_dir = make_pool_dir(str(tmp_path))  # this process's: kept
+    other = tmp_path / "bigpool-not-ours"
+    other.mkdir()
+    assert sweep_stale_dirs(str(tmp_path)) == [str(dead_dir)]
+    assert not dead_dir.exists() and os.path.isdir(live_dir) and other.exists()
+    assert os.stat(live_dir).st_mode & 0o777 == 0o700
+
+
+# records ------------------------------------------------------------------------------------
+
+
+def test_chunk_and_result_records_carry_a_shared_descriptor() -> None:
+    shared = Shared("a1", 4096, ((8 * MiB, KIND_BYTES),))
+    chunk = Chunk(7, b"f", None, b"pickle", False, False, (), shared)
+    body = b"".join(bytes(p) for p in encode_chunk(chunk))[4:]
+    back = decode_chunk(memoryview(body))
+    assert back.shared == shared and bytes(back.args) == b"pickle" and back.buffers == ()
+    with pytest.raises(ValueError, match="either in the record or shared"):
+        encode_chunk(Chunk(7, b"f", None, b"p", False, False, (b"x",), shared))
+    bad = bytearray(body)
+    bad[0] |= 4  # buffers and shared at once
+    with pytest.raises(RecordError, match="unknown flags"):
+        decode_chunk(memoryview(bad))
+    result = Result(9, OK, b"pickle", 123, 0.5, False, shared)
+    back_result = decode_result(memoryview(b"".join(bytes(p) for p in encode_result(result))[4:]))
+    assert back_result.shared == shared and bytes(back_result.payload) == b"pickle"
+    truncated = b"".join(bytes(p) for p in encode_chunk(chunk))[4:20]
+    with pytest.raises(RecordError):
+        decode_chunk(memoryview(truncated))
+
+
+# a worker's side ----------------------------------------------------------------------------
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def test_a_worker_reads_shared_arguments_and_places_large_results_in_its_ring(
+        ring_dir: str) -> None:
+    args_ring = Ring.create(os.path.join(ring_dir, "a1"), capacity=16 * MiB)
+    big = os.urandom(2 * MiB)
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps([OutOfBand(big), b"small"], protocol=5, buffer_callback=buffers.append)
+    shared = RingWriter(args_ring).put([b.raw() for b in buffers])
+    assert shared is not None
+    rings = SharedRings(ring_dir)
+    record, ntasks = run_chunk(3, echo, data, False, False, (), shared, rings)
+    assert ntasks == 2
+    result = decode_result(memoryview(b"".join(bytes(p) for p in record))[4:])
+    assert result.status == OK and result.shared is not None
+    assert len(result.payload) < 200  # the 2 MiB are not in the record
+    result_ring = Ring.open(ring_dir, result.shared.name, writable=True)
+    values = pickle.loads(bytes(result.payload),
+                          buffers=materialize(result_ring, result.shared))
+    assert values == [big, b"small"] and type(values[0]) is bytes
+    # Small results stay in the record; without a directory nothing is shared.
+    record, _ = run_chunk(4, echo, pickle.dumps([b"x"]), False, False, (), None, rings)
+    assert decode_result(memoryview(b"".join(bytes(p) for p in record))[4:]).shared is None
+    record, _ = run_chunk(5, echo, data, False, False, (), shared, SharedRings(None))
+    failed = decode_result(memoryview(b"".join(bytes(p) for p in record))[4:])
+    assert failed.status != OK  # a task error naming why, not a crash
+    result_ring.close()
+    args_ring.close()
+
+
+def test_a_machine_uses_the_directory_only_when_it_finds_the_probe(ring_dir: str) -> None:
+    Path(ring_dir, "probe").write_text("token-1")
+    assert PoolWorkerService(1, None, None, ring_dir, "token-1")._sees_shared_dir()
+    assert not PoolWorkerService(1, None, None, ring_dir, "token-2")._sees_shared_dir()
+    assert not PoolWorkerService(1, None, None, ring_dir + "-elsewhere",
+                                 "token-1")._sees_shared_dir()
+    assert not PoolWorkerService(1)._sees_shared_dir()
+    # The configuration travels to the machine with the service.
+    service = pickle.loads(pickle.dumps(PoolWorkerService(1, None, None, ring_dir, "token-1")))
+    assert (service.shared_dir, service.shared_token) == (ring_dir, "token-1")
+
+
+# pools --------------------------------------------------------------------------------------
+
+
+def digest(data: bytes | bytearray) -> list[Any]:
+    return [type(data).__name__, len(data), hashlib.sha256(data).hexdigest()]
+
+
+def double_in_place(data: bytearray) -> bytes:
+    data[:] = bytes(b ^ 0xFF for b in data[:16]) + data[16:]  # writable, as from the network
+    return bytes(data)
+
+
+def make_bytes(n: int) -> bytes:
+    return bytes([n % 256]) * (2 * MiB)
+
+
+def _ring_files(pool: BigPool) -> list[str]:
+    assert pool._shared_dir is not None
+    return sorted(os.listdir(pool._shared_dir))
+
+
+@needs_dev_shm
+@pytest.mark.parametrize("system", ["local", "test"])
+def test_large_payloads_go_through_shared_memory_both_ways(system: str) -> None:
+    payloads = [os.urandom(3 * MiB) for _ in range(6)]
+    with BigPool(2, system=system) as pool:
+        assert pool.map(echo, payloads, chunksize=1) == payloads
+        directory = pool._shared_dir
+        assert directory is not None and directory.startswith("/dev/shm/bigpool-")
+        feeds = pool._scheduler.feeds
+        assert all(f.arg_writer is not None for f in feeds)
+        # Both machines' argument rings were written, and the results came through rings of
+        # their workers (released again, so the workers can reuse the space).
+        assert sum(f.arg_writer.head > 0 for f in feeds if f.arg_writer) >= 1
+        rings = [r for f in feeds for r in f.result_rings.values()]
+        assert rings and all(r.released > 0 for r in rings)
+        files = _ring_files(pool)
+        assert "probe" in files and any(n.startswith("w") for n in files)
+        assert pool.map(digest, [bytearray(payloads[0])]) == [digest(bytearray(payloads[0]))]
+        assert pool.map(double_in_place, [bytearray(payloads[1])]) == [
+            double_in_place(bytearray(payloads[1]))]
+        assert pool.map(make_bytes, range(5)) == [make_bytes(n) for n in range(5)]
+    assert not os.path.exists(directory)  # the pool's rings go with it
+
+
+@needs_dev_shm
+def test_without_shared_memory_payloads_still_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
+    payloads = [os.urandom(2 * MiB) for _ in range(3)]
+    with BigPool(2, system="local", shared_memory=False) as pool:
+        assert pool._shared_dir is None
+        assert pool.map(echo, payloads, chunksize=1) == payloads
+        assert all(f.arg_writer is None for f in pool._scheduler.feeds)
+    monkeypatch.setenv("BIGPOOL_SHARED_MEMORY", "0")
+    with BigPool(1, system="test") as pool:
+        assert pool._shared_dir is None
+        assert pool.map(echo, payloads[:1]) == payloads[:1]
+
+
+@needs_dev_shm
+def test_a_full_argument_ring_holds_chunks_back_and_oversized_ones_use_the_network(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A ring of 4 MiB holds two 1.5 MiB arguments at a time: the rest wait for room (the
+    # results make it) and none is lost; a 6 MiB argument never fits and goes by the network.
+    monkeypatch.setattr(pool_shm, "RING_CAPACITY", 4 * MiB)
+    payloads = [os.urandom(3 * MiB // 2) for _ in range(12)] + [os.urandom(6 * MiB)]
+    with BigPool(2, system="local") as pool:
+        assert pool.map(digest, payloads, chunksize=1) == [digest(p) for p in payloads]
+        feeds = pool._scheduler.feeds
+        assert all(f.arg_writer is not None and f.arg_writer.ring.capacity == 4 * MiB
+                   for f in feeds)
+        assert all(len(f.arg_regions or ()) == 0 for f in feeds)  # every region freed
+        assert sum(f.arg_writer.head for f in feeds if f.arg_writer) >= 12 * 3 * MiB // 2
+
+
+@needs_dev_shm
+def test_the_rings_of_exited_workers_are_removed() -> None:
+    # One task per worker process: each new worker makes a result ring, which must go when
+    # the worker exits, not pile up (each holds the memory of what it carried).
+    with BigPool(1, system="local", maxtasksperchild=1) as pool:
+        assert pool.map(make_bytes, range(6), chunksize=1) == [make_bytes(n) for n in range(6)]
+        wait_until(lambda: sum(n.startswith("w") for n in _ring_files(pool)) <= 1, 20,
+                   "the rings of exited workers to be removed")
+        feed = pool._scheduler.feeds[0]
+        assert len(feed.result_rings) <= 1
