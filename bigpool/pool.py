@@ -729,12 +729,17 @@ class _Feed:
                     SHARED_FROM <= _size(buffers) <= self.arg_writer.ring.capacity):
                 assert self.arg_regions is not None
                 ref.shared = self.arg_writer.put(buffers)
-                if ref.shared is None:  # full: wait for room rather than take the slow way
+                if ref.shared is not None:
+                    self.arg_regions.placed(ref.shared)
+                    buffers = ()
+                elif self.arg_regions.live_bytes() + _size(buffers) > (
+                        self.arg_writer.ring.capacity // 2):
+                    # Full of chunks in flight: wait for room (results make it) rather than
+                    # take the slow way. (Space held up behind one long chunk is not waited
+                    # for: then the network carries it.)
                     self.arg_ring_full_at = self.arg_regions.ring.released
                     scheduler.pending.appendleft(ref)
                     break
-                self.arg_regions.placed(ref.shared)
-                buffers = ()
             ref.blocking = depth == 1
             ref.sent_at = now
             self.blocking += ref.blocking
@@ -867,9 +872,14 @@ class _Feed:
         """A worker of this machine exited: its result ring (if it made one) goes."""
         prefix = f"w{pid}-"
         for name in [n for n in self.result_rings if n.startswith(prefix)]:
-            ring = self.result_rings.pop(name)
-            ring.unlink()
-            ring.close()
+            self.result_rings.pop(name).close()
+        directory = self.scheduler.pool._shared_dir
+        if directory is None:
+            return
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                if name.startswith(prefix):
+                    os.unlink(os.path.join(directory, name))  # mapped or not
 
     def _drop_rings(self) -> None:
         """Let go of every ring (the machine is gone, or the pool): never to be reused."""

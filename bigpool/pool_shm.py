@@ -321,6 +321,10 @@ class ReleaseTracker:
         if mark is not None:
             self.ring.release(mark)
 
+    def live_bytes(self) -> int:
+        """The bytes of the regions not freed yet."""
+        return sum(end - start for start, end, freed in self._live if not freed)
+
     def __len__(self) -> int:
         return len(self._live)
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from bigpool.pool_wire import (
     encode_chunk,
     encode_result,
 )
+from bigpool.systems.local import LocalSystem
 from bigpool.worker import PoolWorkerService
 
 MiB = 1 << 20
@@ -313,3 +315,27 @@ def test_the_rings_of_exited_workers_are_removed() -> None:
                    "the rings of exited workers to be removed")
         feed = pool._scheduler.feeds[0]
         assert len(feed.result_rings) <= 1
+
+
+def hold(data: bytes, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(data)
+
+
+@needs_dev_shm
+def test_space_held_up_behind_one_long_chunk_does_not_stall_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # One machine, two workers. A long call's argument sits at the start of the ring: the
+    # space after it, freed as quick calls finish, cannot be reused past it. The quick calls
+    # must go on (by the network) rather than wait for the long one.
+    monkeypatch.setattr(pool_shm, "RING_CAPACITY", 8 * MiB)
+    blobs = [os.urandom(3 * MiB // 2) for _ in range(24)]
+    with BigPool(2, system=LocalSystem(maxprocs=2)) as pool:
+        assert len(pool.machines) == 1
+        pool.map(digest, blobs[:2])  # both workers up, the function known as quick
+        long_call = pool.apply_async(hold, (blobs[0], 30.0))
+        feed = pool._scheduler.feeds[0]
+        wait_until(lambda: len(feed.in_flight) == 1, 10, "the long call to be sent")
+        assert pool.map(digest, blobs, chunksize=1) == [digest(b) for b in blobs]
+        assert not long_call.ready()
+        assert feed.arg_writer is not None and feed.arg_writer.head > 8 * MiB  # it wrapped
