@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import logging
 import struct
 from collections.abc import Callable
@@ -34,6 +35,7 @@ import h2.settings
 import h2.stream
 import hyperframe.frame
 from h2.errors import ErrorCodes
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PushPromiseFrame
 
 from .errors import ConnectionLostError, ProtocolError, StreamBrokenError
@@ -192,6 +194,11 @@ class _H2Connection(h2.connection.H2Connection):
             self._data_to_send += data
         return True
 
+    def receive_data(self, data: Any) -> list[h2.events.Event]:
+        # h2 sets the frame size limit after add_data; _BoundedFrameBuffer checks it there.
+        self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
+        return super().receive_data(data)
+
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         # An unpadded DATA frame on an open stream, not its last: h2's own checks and window
         # accounting, without its state-machine passes and the repr() of every frame it logs.
@@ -263,43 +270,175 @@ def h2_config(client_side: bool) -> h2.config.H2Configuration:
 
 
 class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer with two bounds it lacks on what a peer can make us hold.
+    """h2's frame buffer, cutting frames off the bytes as they arrive, with bounds h2 lacks.
 
-    h2 checks a frame's length against the maximum frame size only once the whole frame has
-    arrived, so a header announcing 16 MiB makes it buffer 16 MiB first; here the header alone
-    is enough. And h2 buffers a header block of up to 64 CONTINUATION frames of any size before
-    decoding (and then refusing) it; here the block may not exceed ``MAX_HEADER_BLOCK``.
+    h2 appends every read to one bytearray and slices each frame out of it: a received
+    megabyte was copied three or four times (the append; the bytearray's reallocation, which
+    copies what is left once its front is deleted; the slice; ``tobytes``). Here
+    :meth:`add_data` cuts the frames itself. The payload of an unpadded DATA frame is gathered
+    from each read straight into one buffer of exactly its size, which becomes the frame's
+    ``data`` (a ``bytes``) with no further copy; one that arrives whole in a read is copied out
+    once. Any other frame is gathered whole, then parsed as h2 parses it. The iterator gives
+    the frames in the order they arrived and raises a frame's error where h2 would, after the
+    frames before it (h2 then answers it with a GOAWAY); the buffer stays broken after that.
+
+    Bounds: h2 checks a frame's length against the maximum frame size only once the whole
+    frame has arrived, so a header announcing 16 MiB makes it buffer 16 MiB first; here the
+    header alone is enough (``max_frame_size`` must be set before :meth:`add_data`, as
+    :class:`_H2Connection` does). And h2 buffers a header block of up to 64 CONTINUATION
+    frames of any size before decoding (and then refusing) it; here the block may not exceed
+    ``MAX_HEADER_BLOCK``. Nothing keeps a view of the bytes given to :meth:`add_data` after it
+    returns (they are the protocol's reused read buffer).
     """
 
     _block_size = 0
 
-    def __next__(self) -> Frame:
-        # h2 4.1 names the buffer ``data``, later versions ``_data``.
-        pending: bytes | bytearray = getattr(self, "_data", b"") or getattr(self, "data", b"")
-        if len(pending) >= 9:
-            length = int.from_bytes(pending[:3], "big")
-            self._validate_frame_length(length)
-            if (isinstance(pending, bytearray) and pending[3] == _DATA_FRAME_TYPE
-                    and not pending[4] & _PADDED_FLAG and len(pending) >= 9 + length):
-                frame = self._data_frame(pending, length)
-                if frame is not None:
-                    return frame
-        return super().__next__()
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        # Frames parsed and not yet taken, in order; an exception, if any, is last and stays.
+        self._ready: collections.deque[Frame | Exception] = collections.deque()
+        self._broken = False
+        # The start (header first) of a frame that arrives in pieces and is not gathered.
+        self._partial = bytearray()
+        # The DATA frame whose payload is being gathered, the payload's buffer, its bytes
+        # still missing.
+        self._gathering: hyperframe.frame.DataFrame | None = None
+        self._payload: io.BytesIO | None = None
+        self._payload_view: memoryview | None = None
+        self._missing = 0
 
-    def _data_frame(self, pending: bytearray, length: int) -> Frame | None:
-        """An unpadded DATA frame taken off the buffer with one copy of its payload (h2 makes
-        two); ``None`` to leave an unusual one to h2."""
-        stream_id = int.from_bytes(pending[5:9], "big") & 0x7FFFFFFF
-        if not stream_id:
-            return None  # h2 raises the protocol error
+    def add_data(self, data: Any) -> None:
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if self._preamble_len:
+            taken = min(self._preamble_len, len(view))
+            super().add_data(view[:taken].tobytes())  # h2's check of the client's preamble
+            view = view[taken:]
+        pos = 0
+        end = len(view)
+        partial = self._partial
+        while pos < end and not self._broken:
+            if self._gathering is not None:
+                pos = self._gather(view, pos, end)
+            elif partial or end - pos < 9:
+                if len(partial) < 9:
+                    taken = min(9 - len(partial), end - pos)
+                    partial += view[pos : pos + taken]
+                    pos += taken
+                    if len(partial) < 9:
+                        break
+                    started = self._start_frame(partial, 0)
+                    if started is None:
+                        break
+                    if started:
+                        partial.clear()
+                        continue
+                size = 9 + int.from_bytes(partial[:3], "big")
+                taken = min(size - len(partial), end - pos)
+                partial += view[pos : pos + taken]
+                pos += taken
+                if len(partial) == size:
+                    self._take_frame(bytes(partial))
+                    partial.clear()
+            else:
+                started = self._start_frame(view, pos)
+                if started is None:
+                    break
+                if started:
+                    pos += started
+                else:
+                    size = 9 + int.from_bytes(view[pos : pos + 3], "big")
+                    if size <= end - pos:
+                        self._take_frame(view[pos : pos + size].tobytes())
+                        pos += size
+                    else:
+                        partial += view[pos:end]
+                        pos = end
+
+    def _start_frame(self, header: bytearray | memoryview, pos: int) -> int | None:
+        """Check the frame header at ``header[pos:]`` and, for an unpadded DATA frame, take it:
+        whole if it is all in ``header``, or start gathering its payload. How many bytes of
+        ``header`` were taken (0 for any other frame), or None if the header is refused."""
+        length_high, length_low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(header, pos)
+        length: int = length_high << 8 | length_low
+        try:
+            self._validate_frame_length(length)
+        except Exception as exc:
+            self._fail(exc)
+            return None
+        stream_id &= 0x7FFFFFFF
+        if kind != _DATA_FRAME_TYPE or flags & _PADDED_FLAG or not stream_id:
+            return 0  # h2's parsing (a DATA frame on stream 0 is its protocol error)
         frame = hyperframe.frame.DataFrame(stream_id)
-        frame.parse_flags(pending[4])
-        with memoryview(pending) as view:
-            frame.data = bytes(view[9 : 9 + length])
+        frame.parse_flags(flags)
         frame.body_len = length
-        del pending[: 9 + length]
-        new_frame = self._update_header_buffer(frame)
-        return new_frame if new_frame is not None else self.__next__()
+        start = pos + 9
+        if start + length <= len(header):
+            frame.data = bytes(header[start : start + length])
+            self._ready.append(frame)
+            return 9 + length
+        self._gathering = frame
+        # bytes() is zeroed by calloc; the BytesIO then holds the only reference, so its
+        # getbuffer() writes into that bytes object in place and getvalue() returns it.
+        self._payload = io.BytesIO(bytes(length))
+        self._payload_view = self._payload.getbuffer()
+        self._missing = length
+        return 9
+
+    def _gather(self, view: memoryview, pos: int, end: int) -> int:
+        """Copy what ``view[pos:end]`` holds of the payload being gathered; where it stopped."""
+        payload_view = self._payload_view
+        assert payload_view is not None and self._payload is not None
+        taken = min(self._missing, end - pos)
+        filled = len(payload_view) - self._missing
+        payload_view[filled : filled + taken] = view[pos : pos + taken]
+        self._missing -= taken
+        if not self._missing:
+            payload_view.release()  # getvalue() copies while a view is out
+            frame = self._gathering
+            assert frame is not None
+            frame.data = self._payload.getvalue()
+            self._ready.append(frame)
+            self._gathering = self._payload = self._payload_view = None
+        return pos + taken
+
+    def _take_frame(self, raw: bytes) -> None:
+        """Parse the whole frame ``raw`` as h2 does; queue it, or the error h2 would raise."""
+        try:
+            try:
+                frame, length = Frame.parse_frame_header(memoryview(raw)[:9])
+            except (InvalidDataError, InvalidFrameError) as exc:
+                raise h2.exceptions.ProtocolError(
+                    f"Received frame with invalid header: {exc!s}"
+                ) from exc
+            try:
+                frame.parse_body(memoryview(raw)[9 : 9 + length])
+            except InvalidDataError as exc:
+                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from exc
+            except InvalidFrameError as exc:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from exc
+        except Exception as exc:  # InvalidPaddingError too: h2's receive_data handles it
+            self._fail(exc)
+        else:
+            self._ready.append(frame)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._broken:
+            self._broken = True
+            self._ready.append(exc)
+
+    def __next__(self) -> Frame:
+        ready = self._ready
+        while ready:
+            item = ready[0]
+            if isinstance(item, Exception):
+                raise item
+            ready.popleft()
+            frame = self._update_header_buffer(item)
+            if frame is not None:
+                return frame
+        raise StopIteration
 
     def _update_header_buffer(self, f: Frame | None) -> Frame | None:
         if isinstance(f, HeadersFrame | PushPromiseFrame | ContinuationFrame):
