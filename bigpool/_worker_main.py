@@ -59,6 +59,7 @@ from bigpool.pool_wire import (
     Result,
     decode_chunk,
     encode_result,
+    raw_buffer,
 )
 
 # Result status codes (see bigpool.worker, which re-exports them).
@@ -75,6 +76,10 @@ MSG_REVOKED = 4
 LENGTH = struct.Struct(">I")
 # Worker -> machine frame header: body length, kind, number of tasks the chunk had.
 HEADER = struct.Struct(">IBI")
+# How long a worker waits for room in its full result ring before it sends a result over the
+# network instead, and how often it looks meanwhile.
+RESULT_ROOM_WAIT = 2.0
+RESULT_ROOM_POLL = 0.0005
 # How often a worker checks that its parent is still the machine that started it.
 PARENT_CHECK_SECONDS = 0.2
 # Longest repr of an unpicklable value sent back in an ENCODE_ERROR record.
@@ -150,7 +155,12 @@ class SharedRings:
             except OSError:
                 self._unusable = True
                 return None
-        shared = self._writer.put([b.raw() for b in buffers])
+        raw = [raw_buffer(b) for b in buffers]
+        # A full ring holds results the driver has not read yet: it frees their space as it
+        # reads them (it is the slower side), so wait for that a little before using the network.
+        deadline = time.monotonic() + RESULT_ROOM_WAIT
+        while (shared := self._writer.put(raw)) is None and time.monotonic() < deadline:
+            time.sleep(RESULT_ROOM_POLL)
         return None if shared is None else (data, shared)
 
 

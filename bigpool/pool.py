@@ -62,9 +62,8 @@ from .machine import B, Machine, State
 from .machine import start as start_driver
 from .pool_shm import (
     SHARED_FROM,
-    ReleaseTracker,
+    ArenaWriter,
     Ring,
-    RingWriter,
     Shared,
     SharedError,
     make_pool_dir,
@@ -84,6 +83,7 @@ from .pool_wire import (
     Result,
     ResultDecoder,
     encode_chunk,
+    raw_buffer,
 )
 from .systems import System
 from .worker import (
@@ -237,16 +237,7 @@ def _pickle_tasks(tasks: list[Any], star: bool) -> tuple[bytes, bool, tuple[Buff
     pickle_buffers: list[pickle.PickleBuffer] = []
     data, by_value = pickle_value(tasks if wrapped is None else wrapped, pickle_buffers,
                                   OUT_OF_BAND_FROM)
-    return data, by_value, tuple(_raw(buffer) for buffer in pickle_buffers)
-
-
-def _raw(buffer: pickle.PickleBuffer) -> Buffer:
-    """A buffer's bytes to write: the ``bytes`` object itself where it is one (sent uncopied)."""
-    view = buffer.raw()
-    obj = view.obj
-    if type(obj) is bytes and len(obj) == view.nbytes:
-        return obj
-    return view
+    return data, by_value, tuple(raw_buffer(buffer) for buffer in pickle_buffers)
 
 
 def _size(buffers: tuple[Buffer, ...]) -> int:
@@ -610,9 +601,8 @@ class _Feed:
         self.blocking = 0  # chunks in flight that may be long (see _send_loop)
         # Shared memory with a machine on this host (bigpool.pool_shm): the ring its chunks'
         # large arguments go through, and its workers' result rings by name.
-        self.arg_writer: RingWriter | None = None
-        self.arg_regions: ReleaseTracker | None = None
-        self.arg_ring_full_at: int | None = None  # its released mark when last found full
+        self.arg_writer: ArenaWriter | None = None
+        self.arg_ring_full_at: int | None = None  # its bytes in use when last found full
         self.result_rings: dict[str, Ring] = {}
 
     def start(self) -> None:
@@ -659,8 +649,7 @@ class _Feed:
         except OSError as exc:
             _log.debug("no shared memory for machine %s: %s", self.machine.addr, exc)
             return
-        self.arg_writer = RingWriter(ring)
-        self.arg_regions = ReleaseTracker(ring)
+        self.arg_writer = ArenaWriter(ring)
 
     async def _send_loop(self) -> None:
         """Feed the machine on one streamed call for the pool's life (no round trip per batch)."""
@@ -708,8 +697,8 @@ class _Feed:
                 break
             if self.arg_ring_full_at is not None and (head.args is None or _size(head.buffers)
                                                       >= SHARED_FROM):
-                assert self.arg_regions is not None
-                if self.arg_regions.ring.released == self.arg_ring_full_at:
+                assert self.arg_writer is not None
+                if self.arg_writer.placed_bytes >= self.arg_ring_full_at:
                     break  # a large chunk waits for room (results make it) here or elsewhere
                 self.arg_ring_full_at = None
             ref = scheduler.take()
@@ -727,19 +716,14 @@ class _Feed:
                     continue
             if self.arg_writer is not None and buffers and (
                     SHARED_FROM <= _size(buffers) <= self.arg_writer.ring.capacity):
-                assert self.arg_regions is not None
                 ref.shared = self.arg_writer.put(buffers)
-                if ref.shared is not None:
-                    self.arg_regions.placed(ref.shared)
-                    buffers = ()
-                elif self.arg_regions.live_bytes() + _size(buffers) > (
-                        self.arg_writer.ring.capacity // 2):
-                    # Full of chunks in flight: wait for room (results make it) rather than
-                    # take the slow way. (Space held up behind one long chunk is not waited
-                    # for: then the network carries it.)
-                    self.arg_ring_full_at = self.arg_regions.ring.released
+                if ref.shared is None:
+                    # Full of chunks in flight: wait for room (their results make it) rather
+                    # than take the slow way.
+                    self.arg_ring_full_at = self.arg_writer.placed_bytes
                     scheduler.pending.appendleft(ref)
                     break
+                buffers = ()
             ref.blocking = depth == 1
             ref.sent_at = now
             self.blocking += ref.blocking
@@ -886,7 +870,7 @@ class _Feed:
         if self.arg_writer is not None:
             self.arg_writer.ring.unlink()
             self.arg_writer.ring.close()
-            self.arg_writer = self.arg_regions = None
+            self.arg_writer = None
         for ring in self.result_rings.values():
             ring.unlink()
             ring.close()
@@ -910,8 +894,8 @@ class _Feed:
             self.blocking -= 1
             ref.blocking = False
         if ref.shared is not None:
-            if self.arg_regions is not None:
-                self.arg_regions.free(ref.shared)
+            if self.arg_writer is not None:
+                self.arg_writer.free(ref.shared)
             ref.shared = None
         return ref
 

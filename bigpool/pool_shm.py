@@ -8,11 +8,12 @@ on the network names where they are (:class:`Shared`). Rings are reused, so afte
 page is allocated or faulted in to move a payload: on virtual machines that costs more than
 copying it.
 
-* The driver writes task arguments into one ring per machine (:class:`RingWriter`) and frees a
-  region (:class:`ReleaseTracker`) when the machine answers the chunk or confirms it will not
-  run it. A lost machine's ring is dropped whole, never reused: its workers may still read it.
-* A worker process writes results into a ring of its own; the driver copies each result out
-  and then moves the ring's *released* mark (in the ring's header, which the worker reads
+* The driver writes task arguments into one ring per machine, anywhere it is free
+  (:class:`ArenaWriter`), and frees a region when the machine answers the chunk or confirms it
+  will not run it. A lost machine's ring is dropped whole, never reused: its workers may still
+  read it.
+* A worker process writes results into a ring of its own (:class:`RingWriter`); the driver
+  copies each result out and then moves the ring's *released* mark (in the ring's header, which the worker reads
   before reusing space). A worker's results reach the driver in the order it made them.
 * Whoever cannot place a payload in a ring (full, ``/dev/shm`` missing or out of space) sends
   it over the network as before: the ring is a fast path, never a requirement.
@@ -27,6 +28,7 @@ no longer running. This module is imported by worker processes: the standard lib
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import mmap
 import os
@@ -34,7 +36,6 @@ import re
 import secrets
 import shutil
 import struct
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ __all__ = [
     "ALIGN",
     "RING_CAPACITY",
     "SHARED_FROM",
-    "ReleaseTracker",
+    "ArenaWriter",
     "Ring",
     "RingWriter",
     "Shared",
@@ -68,6 +69,9 @@ SHARED_FROM = 1024 * 1024
 RING_CAPACITY = 256 * 1024 * 1024
 # Regions start at multiples of this (cache lines: copies run at full speed).
 ALIGN = 64
+# A ring that empties after a burst gives its pages beyond this back to the system (the next
+# burst pays their page faults again); up to this much stays warm for the next payloads.
+KEEP_WARM = 64 * 1024 * 1024
 MAGIC = b"BPRING01"
 # The header page: magic, capacity, released position (written by the consumer).
 HEADER = struct.Struct("=8sQQ")
@@ -230,15 +234,24 @@ class Ring:
 
     def regions(self, shared: Shared) -> list[memoryview]:
         """The buffers ``shared`` describes, as views of the ring (valid until released)."""
+        span = shared.end - shared.position
+        if shared.position % self.capacity + span > self.capacity:
+            raise SharedError(f"buffers of {span} bytes at {shared.position} overrun ring "
+                              f"{self.name} of {self.capacity} bytes")
         views = []
         position = shared.position
         for length, _ in shared.buffers:
             views.append(self.region(position, length))
             position += _aligned(length)
-        if shared.end - shared.position > self.capacity:
-            raise SharedError(f"buffers of {shared.end - shared.position} bytes overrun ring "
-                              f"{self.name}")
         return views
+
+    def trim(self, keep: int, end: int) -> None:
+        """Give back the pages of the data area from ``keep`` to ``end`` (offsets): their
+        contents are gone, for every process that maps the ring."""
+        keep = -(-keep // mmap.PAGESIZE) * mmap.PAGESIZE
+        if end > keep:
+            with contextlib.suppress(OSError, ValueError):
+                self._mmap.madvise(mmap.MADV_REMOVE, HEADER_BYTES + keep, end - keep)
 
     def close(self) -> None:
         """Unmap the ring (views handed out must be gone; a ring still in use stays mapped
@@ -262,12 +275,26 @@ def materialize(ring: Ring, shared: Shared) -> list[Buffer]:
     return out
 
 
+def _copy_in(ring: Ring, position: int, buffers: Sequence[Buffer],
+             lengths: list[int]) -> Shared:
+    """Copy ``buffers`` into ``ring`` one after another from ``position``; where they are."""
+    start = position
+    for buffer, length in zip(buffers, lengths, strict=True):
+        target = ring.region(position, length)
+        target[:] = memoryview(buffer).cast("B")
+        target.release()
+        position += _aligned(length)
+    kinds = [KIND_BYTES if type(b) is bytes else KIND_BYTEARRAY for b in buffers]
+    return Shared(ring.name, start, tuple(zip(lengths, kinds, strict=True)))
+
+
 class RingWriter:
     """Places payloads in a ring it made, reusing space its reader has released."""
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
         self.head = 0  # the position after the last region placed
+        self.high = 0  # the data area's offsets below this have been used
 
     def put(self, buffers: Sequence[Buffer]) -> Shared | None:
         """Copy ``buffers`` into the ring, one after another; where they are, or ``None`` if
@@ -281,52 +308,69 @@ class RingWriter:
         position = self.head
         if position == released:  # empty: start again at the ring's start
             position = released = -(-position // capacity) * capacity
+            if self.high > KEEP_WARM:
+                self.ring.trim(KEEP_WARM, self.high)
+                self.high = KEEP_WARM
         offset = position % capacity
         if offset + size > capacity:
             position += capacity - offset  # no region wraps: skip the ring's tail
         if position + size - released > capacity:
             return None
-        start = position
-        for buffer, length in zip(buffers, lengths, strict=True):
-            target = self.ring.region(position, length)
-            target[:] = memoryview(buffer).cast("B")
-            target.release()
-            position += _aligned(length)
-        self.head = start + size
-        kinds = [KIND_BYTES if type(b) is bytes else KIND_BYTEARRAY for b in buffers]
-        return Shared(self.ring.name, start, tuple(zip(lengths, kinds, strict=True)))
+        self.head = position + size
+        self.high = max(self.high, position % capacity + size)
+        return _copy_in(self.ring, position, buffers, lengths)
 
 
-class ReleaseTracker:
-    """Moves a ring's released mark for a writer whose regions are freed out of order (the
-    driver's argument rings: chunks finish in any order). The mark passes a region only when
-    every region before it is free too."""
+class ArenaWriter:
+    """Places payloads anywhere in a ring's space that is free, for a writer that frees them
+    itself and in any order (the driver's argument rings: chunks finish in any order, and one
+    long chunk must not hold up the space after it). First fit, so the low end is reused
+    first and the pages in use stay few."""
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
-        self._live: deque[list[int]] = deque()  # [start, end, freed] in placement order
+        self._free: list[list[int]] = [[0, ring.capacity]]  # [start, end), sorted, disjoint
+        self.placed_bytes = 0  # in use now
+        self.total_placed = 0  # ever (for figures and tests)
+        self.high = 0  # offsets below this have been used
 
-    def placed(self, shared: Shared) -> None:
-        self._live.append([shared.position, shared.end, 0])
+    def put(self, buffers: Sequence[Buffer]) -> Shared | None:
+        """Copy ``buffers`` into free space, one after another; where they are, or ``None``
+        if no free extent is large enough now."""
+        lengths = [memoryview(b).nbytes for b in buffers]
+        size = _span(lengths)
+        if not buffers:
+            return None
+        for extent in self._free:
+            if extent[1] - extent[0] >= size:
+                start = extent[0]
+                extent[0] += size
+                if extent[0] == extent[1]:
+                    self._free.remove(extent)
+                break
+        else:
+            return None
+        self.placed_bytes += size
+        self.total_placed += size
+        self.high = max(self.high, start + size)
+        return _copy_in(self.ring, start, buffers, lengths)
 
     def free(self, shared: Shared) -> None:
-        for entry in self._live:
-            if entry[0] == shared.position:
-                entry[2] = 1
-                break
-        live = self._live
-        mark = None
-        while live and live[0][2]:
-            mark = live.popleft()[1]
-        if mark is not None:
-            self.ring.release(mark)
-
-    def live_bytes(self) -> int:
-        """The bytes of the regions not freed yet."""
-        return sum(end - start for start, end, freed in self._live if not freed)
-
-    def __len__(self) -> int:
-        return len(self._live)
+        """The reader is done with ``shared``: its space may be used again."""
+        start, end = shared.position, shared.end
+        free = self._free
+        index = bisect.bisect_left(free, [start, end])
+        if index > 0 and free[index - 1][1] == start:
+            index -= 1
+            free[index][1] = end
+        else:
+            free.insert(index, [start, end])
+        if index + 1 < len(free) and free[index + 1][0] == free[index][1]:
+            free[index][1] = free.pop(index + 1)[1]
+        self.placed_bytes -= end - start
+        if not self.placed_bytes and self.high > KEEP_WARM:
+            self.ring.trim(KEEP_WARM, self.high)
+            self.high = KEEP_WARM
 
 
 def make_pool_dir(root: str = SHM_ROOT) -> str:

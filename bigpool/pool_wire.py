@@ -72,6 +72,7 @@ __all__ = [
     "encode_chunk",
     "encode_result",
     "payload_bytes",
+    "raw_buffer",
 ]
 
 LENGTH = struct.Struct(">I")
@@ -113,6 +114,16 @@ class OutOfBand:
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def raw_buffer(buffer: pickle.PickleBuffer) -> Buffer:
+    """An out-of-band buffer's bytes to write: the ``bytes`` object itself where it is one
+    (sent uncopied, and known to load as ``bytes``)."""
+    view = buffer.raw()
+    obj = view.obj
+    if type(obj) is bytes and len(obj) == view.nbytes:
+        return obj
+    return view
 
 
 @dataclass(slots=True)

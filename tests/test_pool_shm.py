@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from bigpool.pool_shm import (
     ALIGN,
     KIND_BYTEARRAY,
     KIND_BYTES,
-    ReleaseTracker,
+    ArenaWriter,
     Ring,
     RingWriter,
     Shared,
@@ -96,21 +97,24 @@ def test_space_is_reused_once_released_and_a_full_ring_says_so(ring_dir: str) ->
     ring.close()
 
 
-def test_out_of_order_frees_move_the_mark_only_past_freed_regions(ring_dir: str) -> None:
-    ring = Ring.create(os.path.join(ring_dir, "r"), capacity=64 * 1024)
-    writer, tracker = RingWriter(ring), ReleaseTracker(ring)
-    regions = [writer.put([bytes(1000)]) for _ in range(3)]
-    for region in regions:
-        assert region is not None
-        tracker.placed(region)
-    first, second, third = regions
-    assert first is not None and second is not None and third is not None
-    tracker.free(second)
-    assert ring.released == 0  # the first is still in use
-    tracker.free(first)
-    assert ring.released == second.end
-    tracker.free(third)
-    assert ring.released == third.end and len(tracker) == 0
+def test_an_arena_reuses_space_freed_in_any_order_first_fit(ring_dir: str) -> None:
+    ring = Ring.create(os.path.join(ring_dir, "r"), capacity=4096)
+    arena = ArenaWriter(ring)
+    a, b, c = (arena.put([bytes([n]) * 1000]) for n in (1, 2, 3))
+    assert a is not None and b is not None and c is not None
+    assert (a.position, b.position, c.position) == (0, 1024, 2048)
+    assert arena.put([bytes(1500)]) is None  # 1024 left at the end
+    arena.free(b)  # the middle one first: its space is usable at once, before a's and c's
+    d = arena.put([b"d" * 1000])
+    assert d is not None and d.position == 1024 and arena.placed_bytes == 3 * 1024
+    assert ring.region(a.position, 3) == b"\x01" * 3  # the others are untouched
+    arena.free(a)
+    arena.free(c)
+    arena.free(d)  # freed neighbours join again: the whole ring is one extent
+    assert arena.placed_bytes == 0
+    whole = arena.put([bytes(4096)])
+    assert whole is not None and whole.position == 0
+    assert arena.total_placed == 4 * 1024 + 4096
     ring.close()
 
 
@@ -142,6 +146,8 @@ def test_a_ring_is_opened_only_by_plain_name_and_must_be_a_ring(ring_dir: str) -
         Ring.open(ring_dir, "../real")
     with pytest.raises(SharedError, match="overruns"):
         ring.region(4000, 200)
+    with pytest.raises(SharedError, match="overrun ring"):  # no buffer may wrap to the start
+        ring.regions(Shared("real", 4032, ((64, KIND_BYTES), (64, KIND_BYTES))))
     with pytest.raises(FileExistsError):
         Ring.create(os.path.join(ring_dir, "real"))
     ring.close()
@@ -205,6 +211,7 @@ def test_a_worker_reads_shared_arguments_and_places_large_results_in_its_ring(
     result = decode_result(memoryview(b"".join(bytes(p) for p in record))[4:])
     assert result.status == OK and result.shared is not None
     assert len(result.payload) < 200  # the 2 MiB are not in the record
+    assert result.shared.buffers == ((2 * MiB, KIND_BYTES),)  # loads as itself, uncopied
     result_ring = Ring.open(ring_dir, result.shared.name, writable=True)
     values = pickle.loads(bytes(result.payload),
                           buffers=materialize(result_ring, result.shared))
@@ -264,7 +271,7 @@ def test_large_payloads_go_through_shared_memory_both_ways(system: str) -> None:
         assert all(f.arg_writer is not None for f in feeds)
         # Both machines' argument rings were written, and the results came through rings of
         # their workers (released again, so the workers can reuse the space).
-        assert sum(f.arg_writer.head > 0 for f in feeds if f.arg_writer) >= 1
+        assert sum(f.arg_writer.total_placed > 0 for f in feeds if f.arg_writer) >= 1
         rings = [r for f in feeds for r in f.result_rings.values()]
         assert rings and all(r.released > 0 for r in rings)
         files = _ring_files(pool)
@@ -301,8 +308,8 @@ def test_a_full_argument_ring_holds_chunks_back_and_oversized_ones_use_the_netwo
         feeds = pool._scheduler.feeds
         assert all(f.arg_writer is not None and f.arg_writer.ring.capacity == 4 * MiB
                    for f in feeds)
-        assert all(len(f.arg_regions or ()) == 0 for f in feeds)  # every region freed
-        assert sum(f.arg_writer.head for f in feeds if f.arg_writer) >= 12 * 3 * MiB // 2
+        assert all(f.arg_writer and f.arg_writer.placed_bytes == 0 for f in feeds)  # freed
+        assert sum(f.arg_writer.total_placed for f in feeds if f.arg_writer) >= 12 * 3 * MiB // 2
 
 
 @needs_dev_shm
@@ -338,4 +345,55 @@ def test_space_held_up_behind_one_long_chunk_does_not_stall_the_others(
         wait_until(lambda: len(feed.in_flight) == 1, 10, "the long call to be sent")
         assert pool.map(digest, blobs, chunksize=1) == [digest(b) for b in blobs]
         assert not long_call.ready()
-        assert feed.arg_writer is not None and feed.arg_writer.head > 8 * MiB  # it wrapped
+        assert feed.arg_writer is not None and feed.arg_writer.total_placed > 8 * MiB  # reused
+
+
+@needs_dev_shm
+def test_a_ring_that_empties_after_a_burst_gives_its_pages_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_shm, "KEEP_WARM", 64 * 1024)
+    directory = make_pool_dir()
+    try:
+        ring = Ring.create(os.path.join(directory, "w1-00000000"), capacity=4 * MiB)
+        writer = RingWriter(ring)
+
+        def resident() -> int:
+            return os.stat(ring.path).st_blocks * 512
+
+        shared = writer.put([os.urandom(3 * MiB)])
+        assert shared is not None and resident() >= 3 * MiB
+        ring.release(shared.end)
+        small = writer.put([b"next"])  # the ring was empty: the burst's pages go back
+        assert small is not None and small.position % ring.capacity == 0
+        assert resident() <= 64 * 1024 + 2 * 4096
+        assert bytes(ring.region(small.position, 4)) == b"next"
+        arena = ArenaWriter(Ring.create(os.path.join(directory, "a1"), capacity=4 * MiB))
+        placed = [arena.put([os.urandom(MiB)]) for _ in range(3)]
+        for region in placed:
+            assert region is not None
+            arena.free(region)
+        assert os.stat(arena.ring.path).st_blocks * 512 <= 64 * 1024 + 2 * 4096
+        ring.close()
+        arena.ring.close()
+    finally:
+        pool_shm.remove_pool_dir(directory)
+
+
+def test_a_worker_waits_a_little_for_room_in_its_result_ring(
+        ring_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The driver frees a result's space when it reads it; a worker whose ring is full waits
+    # for that rather than send the result over the network, but not for ever.
+    monkeypatch.setattr(pool_shm, "RING_CAPACITY", 4 * MiB)
+    rings = SharedRings(ring_dir)
+    first = rings.place_result([bytes(3 * MiB)])
+    assert first is not None
+    ring = Ring.open(ring_dir, first[1].name, writable=True)
+    releaser = threading.Timer(0.2, ring.release, (first[1].end,))
+    releaser.start()
+    started = time.monotonic()
+    second = rings.place_result([os.urandom(3 * MiB)])
+    releaser.join()
+    assert second is not None and time.monotonic() - started >= 0.2
+    monkeypatch.setattr("bigpool._worker_main.RESULT_ROOM_WAIT", 0.05)
+    assert rings.place_result([bytes(3 * MiB)]) is None  # not released: the network it is
+    ring.close()
