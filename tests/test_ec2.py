@@ -13,6 +13,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,7 @@ from bigpool.systems.ec2 import (
     TAG_VERSION,
     BudgetExceededError,
     ClusterExpiredError,
+    EC2Error,
     EC2System,
     choose_instance_type,
     instance_tags,
@@ -334,6 +336,53 @@ def test_a_failed_termination_is_loud_and_names_the_cleanup(moto: str, ec2: Any)
         b.shutdown()
     [inst] = cluster_instances(ec2, system)  # still running: the error was not a lie
     ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+
+
+def test_shutdown_is_loud_while_another_thread_fails_to_terminate(moto: str, ec2: Any) -> None:
+    # Other threads terminate instances too: the monitor at the TTL, a hand-off thread whose
+    # machine stopped, atexit. When shutdown comes while such a request is still under way,
+    # shutdown must not count on it: here it fails, and the instance stays up.
+    system = make_system(moto, ec2)
+    b = bigpool.start(system=system)
+    b.start(1, services={"Echo": Echo()})
+    first_under_way, release = threading.Event(), threading.Event()
+    requests: list[str] = []
+
+    def refuse(**_: Any) -> Any:
+        requests.append(threading.current_thread().name)
+        if len(requests) == 1:
+            first_under_way.set()
+            release.wait(60)  # slow, until another request comes (shutdown's, if it makes one)
+        else:
+            release.set()
+        return _error("UnauthorizedOperation", 403)
+
+    system.ec2.meta.events.register("before-call.ec2.TerminateInstances", refuse)
+    elsewhere_errors: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            system.terminate_all()
+        except EC2Error as exc:
+            elsewhere_errors.append(exc)
+
+    other = threading.Thread(target=elsewhere, name="elsewhere", daemon=True)
+    other.start()
+    try:
+        assert first_under_way.wait(60), "the other thread never asked EC2 to terminate"
+        with pytest.raises(EC2Error, match=f"ec2 cleanup --cluster {system.cluster_id} --yes"):
+            b.shutdown()
+        release.set()
+        other.join(60)
+        assert not other.is_alive()
+        assert len(elsewhere_errors) == 1  # the other thread's failure was loud as well
+        assert len(cluster_instances(ec2, system)) == 1  # still running: no error was a lie
+    finally:
+        release.set()
+        other.join(60)
+        left = [i["InstanceId"] for i in cluster_instances(ec2, system)]
+        if left:
+            ec2.terminate_instances(InstanceIds=left)
 
 
 def test_ami_from_public_ssm_parameter(moto: str, ec2: Any) -> None:

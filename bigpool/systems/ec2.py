@@ -787,23 +787,31 @@ class EC2System:
 
         Raises :class:`EC2Error` naming them (and the cleanup command) if EC2 refuses: an
         instance left running costs money, so this is never silent.
+
+        An instance counts as terminated only once EC2 has accepted its termination, never
+        while a request is under way: threads terminate concurrently (shutdown, the monitor, a
+        hand-off thread whose machine stopped, atexit), and a caller that took another's
+        request for done would return quietly should that request fail. So each caller asks
+        EC2 itself (TerminateInstances is idempotent) and learns the outcome.
         """
         with self._lock:
             ids = [i for i in ids if i in self.instances and not self.instances[i].terminated]
-            for i in ids:
-                self.instances[i].terminated = True
         if not ids or self._ec2 is None:
             return
         try:
             terminate_instances(self._ec2, ids)
         except Exception as exc:
             with self._lock:
-                for i in ids:
-                    self.instances[i].terminated = False
+                left = [i for i in ids if not self.instances[i].terminated]
+            if not left:  # another caller's request for them went through meanwhile
+                return
             raise EC2Error(
-                f"could not terminate instances {', '.join(ids)}: {type(exc).__name__}: {exc}; "
-                f"run: python -m bigpool ec2 cleanup --cluster {self.cluster_id} --yes"
+                f"could not terminate instances {', '.join(left)}: {type(exc).__name__}: "
+                f"{exc}; run: python -m bigpool ec2 cleanup --cluster {self.cluster_id} --yes"
             ) from exc
+        with self._lock:
+            for i in ids:
+                self.instances[i].terminated = True
 
     def terminate_all(self) -> None:
         """Terminate every instance this system launched (idempotent, from any thread)."""
