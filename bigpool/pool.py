@@ -688,11 +688,14 @@ class _Feed:
         small: list[Buffer] = []
         count = 0
         now = time.monotonic()
+        depth_of: tuple[bytes, int] = (b"", 0)  # the last function's depth (most batches have one)
         while count < limit:
             head = scheduler.peek()
             if head is None:
                 break
-            depth = scheduler.depth(head.func.id)
+            if head.func.id != depth_of[0]:
+                depth_of = (head.func.id, scheduler.depth(head.func.id))
+            depth = depth_of[1]
             if self.room(depth) <= 0:
                 break
             if self.arg_ring_full_at is not None and (head.args is None or _size(head.buffers)

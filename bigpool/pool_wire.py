@@ -152,7 +152,7 @@ class Chunk:
     shared: Shared | None = None  # or where they are in shared memory (see pool_shm)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Result:
     """One chunk's result record (see the module docstring and :mod:`bigpool.worker`)."""
 
