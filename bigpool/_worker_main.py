@@ -28,8 +28,12 @@ machine (over a third socket pair), which forwards it and keeps the last lines t
 death. The worker exits when its command channel ends, and also when its parent changes (the
 machine died), so no worker outlives its machine. It ignores SIGINT: the machine alone decides when it stops.
 
-This module imports only the standard library, dill, :mod:`bigpool.pool_wire` and
-:mod:`bigpool._malloc` at start (the error encoder is loaded
+When the machine shares the driver's host, ``$BIGPOOL_SHARED_DIR`` names the pool's
+shared-memory directory: chunks may then carry their arguments' buffers there, and large
+``bytes`` results go back through a ring of this worker's (:mod:`bigpool.pool_shm`).
+
+This module imports only the standard library, dill, :mod:`bigpool.pool_wire`,
+:mod:`bigpool.pool_shm` and :mod:`bigpool._malloc` at start (the error encoder is loaded
 on the first error), so a worker starts as fast as the ``bigpool`` package allows.
 """
 
