@@ -3,9 +3,11 @@ records that name them, a worker's side, and pools on the local and test systems
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -397,3 +399,78 @@ def test_a_worker_waits_a_little_for_room_in_its_result_ring(
     monkeypatch.setattr("bigpool._worker_main.RESULT_ROOM_WAIT", 0.05)
     assert rings.place_result([bytes(3 * MiB)]) is None  # not released: the network it is
     ring.close()
+
+
+def slow_digest(data: bytes) -> list[Any]:
+    time.sleep(0.02)  # long enough that the killed machine holds some in flight
+    return digest(data)
+
+
+@needs_dev_shm
+def test_a_killed_machine_loses_no_shared_payload_and_its_ring_is_dropped() -> None:
+    from bigpool import KeepaliveConfig
+
+    system = LocalSystem(keepalive=KeepaliveConfig(period=0.2, timeout=1.5, rpc_timeout=0.5))
+    blobs = [os.urandom(MiB + n) for n in range(40)]
+    with BigPool(3, system=system) as pool:
+        wait_until(lambda: len(pool._scheduler.feeds) == 3
+                   and all(f.arg_writer is not None for f in pool._scheduler.feeds), 30,
+                   "three machines sharing memory")
+        results: list[list[Any]] = []
+        victim = None
+        for i, value in enumerate(pool.imap(slow_digest, blobs, chunksize=1)):
+            results.append(value)
+            if i == 5:
+                victim = next(f for f in pool._scheduler.feeds if f.in_flight)
+                assert victim.arg_writer is not None
+                ring_path = victim.arg_writer.ring.path
+                system.kill(victim.machine, signal.SIGKILL)
+        assert results == [digest(b) for b in blobs]  # each once, in order
+        assert victim is not None and pool._scheduler.tasks_retried > 0
+        assert victim.arg_writer is None and not os.path.exists(ring_path)
+        assert pool.map(digest, blobs[:4]) == [digest(b) for b in blobs[:4]]
+
+
+DRIVER_THEN_WAIT = """
+import sys, time
+from bigpool import BigPool, KeepaliveConfig
+from bigpool.systems.local import LocalSystem
+system = LocalSystem(keepalive=KeepaliveConfig(period=0.2, timeout=1.5, rpc_timeout=0.5))
+pool = BigPool(1, system=system)
+pool.map(len, [bytes(2 * 1024 * 1024)] * 4)
+print(pool._shared_dir, flush=True)
+time.sleep(120)
+"""
+
+
+@needs_dev_shm
+def test_a_killed_drivers_directory_is_removed_by_the_next_pool() -> None:
+    import psutil
+
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER_THEN_WAIT], stdout=subprocess.PIPE,
+                              text=True)
+    machines: list[psutil.Process] = []
+    try:
+        assert driver.stdout is not None
+        directory = driver.stdout.readline().strip()
+        assert directory.startswith("/dev/shm/bigpool-") and os.path.isdir(directory)
+        assert any(n.startswith("a") for n in os.listdir(directory))  # rings in use
+        machines = psutil.Process(driver.pid).children(recursive=True)
+        driver.kill()
+        driver.wait(10)
+        # Its machines exit by themselves once keepalives stop; its rings stay behind.
+        wait_until(lambda: not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE
+                                   for m in machines), 20, "the orphaned machines to exit")
+        assert os.path.isdir(directory)
+        with BigPool(1, system="test") as pool:
+            assert not os.path.exists(directory)
+            assert pool._shared_dir is not None and os.path.isdir(pool._shared_dir)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+        for m in machines:
+            with contextlib.suppress(psutil.Error):
+                m.kill()
+        if driver.stdout is not None:
+            driver.stdout.close()
