@@ -233,11 +233,29 @@ def _with_out_of_band(tasks: list[Any], star: bool) -> list[Any] | None:
 def _pickle_tasks(tasks: list[Any], star: bool) -> tuple[bytes, bool, tuple[Buffer, ...]]:
     """(pickle, by_value, out-of-band buffers) of a chunk's tasks: large ``bytes`` arguments,
     and large buffers of objects that pickle out of band (numpy arrays), are sent as they are."""
+    if _plain(tasks, star):
+        return pickle.dumps(tasks, protocol=5), False, ()
     wrapped = _with_out_of_band(tasks, star)
     pickle_buffers: list[pickle.PickleBuffer] = []
     data, by_value = pickle_value(tasks if wrapped is None else wrapped, pickle_buffers,
                                   OUT_OF_BAND_FROM)
     return data, by_value, tuple(raw_buffer(buffer) for buffer in pickle_buffers)
+
+
+# Values the C pickler writes by value, whole, and that refer to nothing (no __main__ class, no
+# buffer to send out of band): a chunk of only these needs none of pickle_value's machinery.
+_PLAIN_TYPES = frozenset({int, float, str, bool, type(None), complex})
+
+
+def _plain(tasks: list[Any], star: bool) -> bool:
+    """Whether every task (or, with ``star``, every argument of every task) is a plain value."""
+    plain = _PLAIN_TYPES
+    if not star:
+        return all(type(t) in plain or (type(t) is bytes and len(t) < OUT_OF_BAND_FROM)
+                   for t in tasks)
+    return all(type(t) is tuple and all(
+        type(a) in plain or (type(a) is bytes and len(a) < OUT_OF_BAND_FROM) for a in t)
+        for t in tasks)
 
 
 def _size(buffers: tuple[Buffer, ...]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import pickle
 import signal
 import threading
 import time
@@ -15,7 +16,13 @@ import pytest
 from pool_support import wait_until
 
 from bigpool import BigPool, KeepaliveConfig, PoolTerminatedError, State, TaskLostError
-from bigpool.pool import IMAP_WINDOW_PER_SLOT, OUT_OF_BAND_FROM, REPICKLE_FROM, _pickle_tasks
+from bigpool.pool import (
+    IMAP_WINDOW_PER_SLOT,
+    OUT_OF_BAND_FROM,
+    REPICKLE_FROM,
+    _pickle_tasks,
+    _plain,
+)
 from bigpool.pool_wire import MACHINE_FUNCTIONS
 from bigpool.systems.local import LocalSystem
 from bigpool.systems.test import TestSystem
@@ -226,6 +233,19 @@ def test_large_bytes_arguments_are_not_copied_into_the_pickle() -> None:
     assert by_value and len(data) < 2000 and buffers == (big,)
     data, _, buffers = _pickle_tasks([bytes(OUT_OF_BAND_FROM - 1)], star=False)
     assert buffers == () and len(data) >= OUT_OF_BAND_FROM - 1  # smaller ones stay in band
+
+
+def test_chunks_of_plain_values_are_pickled_directly() -> None:
+    # The common case (numbers, short strings) skips pickle_value's machinery; anything that
+    # could refer to a class, need dill or travel out of band does not.
+    tasks = [1, "a", None, 2.5, True, b"x", 3j]
+    assert _pickle_tasks(tasks, star=False) == (pickle.dumps(tasks, protocol=5), False, ())
+    assert _pickle_tasks([(1, "a"), (2, b"b")], star=True)[1:] == (False, ())
+    assert _plain(tasks, star=False) and _plain([(1, "a"), ()], star=True)
+    for odd in ([Tagged(b"x")], [bytes(OUT_OF_BAND_FROM)], [[1]], [(1,)], [lambda: 0]):
+        assert not _plain(odd, star=False), odd
+    assert not _plain([(1, [2])], star=True) and not _plain([1], star=True)
+    assert pickle.loads(_pickle_tasks([Tagged(b"x")], star=False)[0]) == [Tagged(b"x")]
 
 
 def pid_after(seconds: float) -> int:
