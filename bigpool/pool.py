@@ -83,6 +83,7 @@ from .pool_wire import (
     Result,
     ResultDecoder,
     encode_chunk,
+    payload_bytes,
     raw_buffer,
 )
 from .systems import System
@@ -854,8 +855,8 @@ class _Feed:
             buffers = materialize(ring, shared)
         finally:
             self._release_result(shared)
-        payload = bytes(result.payload) if isinstance(result.payload, Pieces) else result.payload
-        return (dill.loads if result.payload_dill else pickle.loads)(payload, buffers=buffers)
+        loads = dill.loads if result.payload_dill else pickle.loads
+        return loads(payload_bytes(result), buffers=buffers)
 
     def _result_ring(self, name: str) -> Ring:
         ring = self.result_rings.get(name)

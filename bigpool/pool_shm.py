@@ -13,13 +13,14 @@ copying it.
   will not run it. A lost machine's ring is dropped whole, never reused: its workers may still
   read it.
 * A worker process writes results into a ring of its own (:class:`RingWriter`); the driver
-  copies each result out and then moves the ring's *released* mark (in the ring's header, which the worker reads
-  before reusing space). A worker's results reach the driver in the order it made them.
+  copies each result out and then moves the ring's *released* mark (in the ring's header,
+  which the worker reads before reusing space). A worker's results reach the driver in the
+  order it made them, so a region before the mark is one released already and is refused.
 * Whoever cannot place a payload in a ring (full, ``/dev/shm`` missing or out of space) sends
   it over the network as before: the ring is a fast path, never a requirement.
 
 Nothing here trusts a region description blindly: names must be plain file names of the
-pool's directory, regions must lie inside their ring, and a region released already is refused.
+pool's directory, and regions must lie inside their ring.
 
 A pool's directory is ``/dev/shm/bigpool-<driver pid>-<random>``, made private (0700) to the
 user; the pool removes it when it ends, and a pool starting removes those of drivers that are
@@ -155,11 +156,10 @@ class Ring:
     Positions are logical (they only grow); a position's byte is at ``position % capacity``.
     """
 
-    def __init__(self, path: str, mapping: mmap.mmap, capacity: int, writable: bool) -> None:
+    def __init__(self, path: str, mapping: mmap.mmap, capacity: int) -> None:
         self.path = path
         self.name = os.path.basename(path)
         self.capacity = capacity
-        self.writable = writable
         self._mmap = mapping
         self._view = memoryview(mapping)
 
@@ -184,7 +184,7 @@ class Ring:
             raise
         os.close(fd)
         HEADER.pack_into(mapping, 0, MAGIC, capacity, 0)
-        return cls(path, mapping, capacity, writable=True)
+        return cls(path, mapping, capacity)
 
     @classmethod
     def open(cls, directory: str, name: str, *, writable: bool = False) -> Ring:
@@ -212,7 +212,7 @@ class Ring:
         if magic != MAGIC or capacity + HEADER_BYTES != size:
             mapping.close()
             raise SharedError(f"{path} is not a shared-memory ring")
-        return cls(path, mapping, capacity, writable)
+        return cls(path, mapping, capacity)
 
     @property
     def released(self) -> int:
