@@ -88,6 +88,8 @@ RESULT_ROOM_POLL = 0.0005
 PARENT_CHECK_SECONDS = 0.2
 # Longest repr of an unpicklable value sent back in an ENCODE_ERROR record.
 MAX_REPR = 10_000
+# A frame to the machine up to this size is joined into one write.
+SMALL_FRAME = 64 * 1024
 
 
 def _encode_error(exc: BaseException) -> bytes:
@@ -141,6 +143,9 @@ class SharedRings:
         """``result`` pickled with its large ``bytes`` values in this worker's result ring:
         (pickle, where they are); ``None`` when it has none, or they do not fit now."""
         if self.directory is None or self._unusable:
+            return None
+        limit = OUT_OF_BAND_FROM
+        if sum(len(v) for v in result if type(v) is bytes and len(v) >= limit) < SHARED_FROM:
             return None
         wrappers: dict[int, OutOfBand] = {}  # one per object: the pickle's memo keeps one
         wrapped = [wrappers.setdefault(id(v), OutOfBand(v))
@@ -286,10 +291,14 @@ class Gate:
 
 def _send(writer: IO[bytes], lock: threading.Lock, kind: int, ntasks: int,
           parts: list[bytes | bytearray | memoryview]) -> None:
+    header = HEADER.pack(sum(len(part) for part in parts), kind, ntasks)
     with lock:
-        writer.write(HEADER.pack(sum(len(part) for part in parts), kind, ntasks))
-        for part in parts:
-            writer.write(part)
+        if len(parts) == 1 and len(parts[0]) < SMALL_FRAME:
+            writer.write(header + parts[0])  # one copy of a small frame, one system call
+        else:
+            writer.write(header)
+            for part in parts:
+                writer.write(part)
         writer.flush()
 
 

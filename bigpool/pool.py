@@ -335,13 +335,41 @@ class _Job:
         raise NotImplementedError
 
 
+class _Latch:
+    """A one-shot event: ``threading.Event``'s ``set``/``is_set``/``wait`` on one lock, held
+    until set. An Event is a Condition and two locks, which cost a small ``apply`` more to
+    make and to wake than the rest of its work in the caller. ``set`` is called once."""
+
+    __slots__ = ("_is_set", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._is_set = False
+
+    def is_set(self) -> bool:
+        return self._is_set
+
+    def set(self) -> None:
+        self._is_set = True
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._is_set:
+            return True
+        # Each waiter takes the lock and passes it on, so every waiter wakes.
+        if self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            self._lock.release()
+        return self._is_set
+
+
 class ApplyResult(_Job):
     """The result of ``apply_async``: ``multiprocessing.pool.AsyncResult``'s interface."""
 
     def __init__(self, pool: BigPool, callback: Callable[[Any], object] | None,
                  error_callback: Callable[[BaseException], object] | None) -> None:
         self.pool = pool
-        self._event = threading.Event()
+        self._event = _Latch()
         self._callback = callback
         self._error_callback = error_callback
         self._success = False
@@ -690,7 +718,7 @@ class _Feed:
         a flush)."""
         if not self.ready or not self.alive:
             return False
-        parts = self._take_batch(min(limit, MAX_BATCH))
+        parts = self._take_batch(min(limit, MAX_BATCH)) if self.scheduler.pending else None
         if not parts:
             if len(self.in_flight) < self.slots:
                 self.scheduler.rebalance(self)

@@ -20,6 +20,7 @@ from bigpool.pool import (
     IMAP_WINDOW_PER_SLOT,
     OUT_OF_BAND_FROM,
     REPICKLE_FROM,
+    _Latch,
     _pickle_tasks,
     _plain,
 )
@@ -246,6 +247,21 @@ def test_chunks_of_plain_values_are_pickled_directly() -> None:
         assert not _plain(odd, star=False), odd
     assert not _plain([(1, [2])], star=True) and not _plain([1], star=True)
     assert pickle.loads(_pickle_tasks([Tagged(b"x")], star=False)[0]) == [Tagged(b"x")]
+
+
+def test_latch_wakes_every_waiter_once_set_and_times_out_before() -> None:
+    latch = _Latch()
+    started = time.monotonic()
+    assert not latch.wait(0.05) and time.monotonic() - started >= 0.04
+    assert not latch.wait(-1) and not latch.is_set()
+    woken: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woken.append(latch.wait())) for _ in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    latch.set()
+    for waiter in waiters:
+        waiter.join(10)
+    assert woken == [True] * 4 and latch.is_set() and latch.wait(0) and latch.wait()
 
 
 def pid_after(seconds: float) -> int:

@@ -18,7 +18,7 @@ from bigpool.h2rpc import (
     SyncStreamReader,
     wire,
 )
-from bigpool.h2rpc.connection import InboundStream
+from bigpool.h2rpc.connection import ACK_BATCH_BYTES, STREAM_WINDOW, InboundStream
 
 DEADLINE = 10.0
 MiB = 1024 * 1024
@@ -78,6 +78,9 @@ class Streams:
 
     def reply_generator(self, n: int) -> Iterator[bytes]:
         return chunks(n)
+
+    def reply_generator_sized(self, n_size: tuple[int, int]) -> Iterator[bytes]:
+        return chunks(*n_size)
 
     def reply_file(self, data: bytes) -> io.BytesIO:
         return io.BytesIO(data)
@@ -467,12 +470,44 @@ async def test_on_arrival_reports_a_broken_stream(make_rpc: Any) -> None:
             await _collect_by_callback(reader)
 
 
+def _credit_not_returned(window: Any) -> int:
+    """Bytes an h2 window manager has had consumed but not handed back to the peer."""
+    return int(window.max_window_size - window.current_window_size - window._bytes_processed)
+
+
+async def test_credit_read_off_an_open_stream_is_batched_and_settled_at_its_end(
+    make_rpc: Any,
+) -> None:
+    # Many small chunks read one by one while the stream is open: the credit is handed to h2
+    # in batches, never held past ACK_BATCH_BYTES, and all of it once the stream ends, so no
+    # stream leaves the connection's window smaller than it found it.
+    rpc = await make_rpc({"S": Streams()})
+    size = 4 * 1024
+    n = 3 * ACK_BATCH_BYTES // size + 7
+    reader = await rpc.call("S.reply_generator_sized", (n, size), timeout=DEADLINE)
+    conn = rpc.client._connections[rpc.addr]
+    held: list[int] = []
+    async with reader:
+        total = 0
+        while chunk := await asyncio.wait_for(reader.read_chunk(), DEADLINE):
+            total += len(chunk)
+            held.append(sum(conn._unacked.values()))
+    assert total == n * size
+    assert max(held) > 0 and all(h < ACK_BATCH_BYTES for h in held)
+    assert not conn._unacked
+    assert _credit_not_returned(conn.h2._inbound_flow_control_window_manager) == 0
+    assert STREAM_WINDOW > 2 * ACK_BATCH_BYTES  # a peer never waits on credit held back
+
+
 def test_read_chunk_nowait_is_none_until_something_arrives() -> None:
     class Conn:
         acked = 0
 
         def ack(self, stream_id: int, length: int) -> None:
             Conn.acked += length
+
+        def settle_acks(self, stream_id: int) -> None:
+            pass
 
     stream = InboundStream(Conn(), 1)  # type: ignore[arg-type]
     reader = StreamReader(stream, "test")

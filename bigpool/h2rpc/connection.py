@@ -46,6 +46,11 @@ from .wire import Headers
 STREAM_WINDOW = 16 * 1024 * 1024
 # All streams of a connection together: several full-speed streams at once.
 CONNECTION_WINDOW = 64 * 1024 * 1024
+# Credit for data read from a stream still open is handed to h2 in batches of this size (or
+# when the stream ends): a long-lived stream of small records then costs no flow-control work
+# per read. Far below half of STREAM_WINDOW, where h2 first sends a WINDOW_UPDATE, so the
+# peer's windows never run lower for it.
+ACK_BATCH_BYTES = 256 * 1024
 # Larger frames mean fewer h2 events per byte; 1 MiB keeps per-frame buffering small.
 MAX_FRAME_SIZE = 1024 * 1024
 # Header blocks beyond this are refused: a bound on what a peer can make us decode and hold.
@@ -517,11 +522,13 @@ class InboundStream:
 
     def end(self) -> None:
         self.ended = True
+        self.conn.settle_acks(self.id)
         self._wake()
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None and not (self.ended and not self._chunks):
             self.error = exc
+        self.conn.settle_acks(self.id)
         self._wake()
 
     @property
@@ -610,6 +617,7 @@ class H2Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
+        self._unacked: dict[int, int] = {}  # stream id -> credit held back (see ack)
         self.closed_event = asyncio.Event()
         self.peer: Any = None
         self._read_view = memoryview(bytearray(READ_BUFFER_BYTES))
@@ -770,12 +778,37 @@ class H2Connection(asyncio.BufferedProtocol):
             self._flush_handle = self.loop.call_soon(self.flush)
 
     def ack(self, stream_id: int, length: int) -> None:
-        """Return ``length`` bytes of flow-control credit for data the consumer has read."""
-        if length and self.closed is None:
-            h2_conn = self.h2
-            h2_conn.acknowledge_received_data(length, stream_id)
-            if h2_conn._data_to_send or h2_conn._chunks:  # a WINDOW_UPDATE is due
-                self.schedule_flush()
+        """Return ``length`` bytes of flow-control credit for data the consumer has read.
+
+        On a stream the peer may still send on, credit is held back until it adds up to
+        :data:`ACK_BATCH_BYTES` or the stream ends, fails or is reset (:meth:`settle_acks`).
+        """
+        if not length or self.closed is not None:
+            return
+        stream = self.streams.get(stream_id)
+        if stream is not None and not stream.finished:
+            unacked = self._unacked
+            held = unacked.get(stream_id, 0) + length
+            if held < ACK_BATCH_BYTES:
+                unacked[stream_id] = held
+                return
+            unacked.pop(stream_id, None)
+            length = held
+        elif self._unacked:
+            length += self._unacked.pop(stream_id, 0)
+        self._ack_now(stream_id, length)
+
+    def settle_acks(self, stream_id: int) -> None:
+        """Hand h2 the credit held back for ``stream_id`` (it has ended or failed)."""
+        held = self._unacked.pop(stream_id, 0) if self._unacked else 0
+        if held and self.closed is None:
+            self._ack_now(stream_id, held)
+
+    def _ack_now(self, stream_id: int, length: int) -> None:
+        h2_conn = self.h2
+        h2_conn.acknowledge_received_data(length, stream_id)
+        if h2_conn._data_to_send or h2_conn._chunks:  # a WINDOW_UPDATE is due
+            self.schedule_flush()
 
     def send_headers(self, stream_id: int, headers: Headers, *, end_stream: bool = False) -> None:
         self._check_open()
