@@ -71,6 +71,8 @@ from .pool_shm import (
     remove_pool_dir,
     sweep_stale_dirs,
 )
+from .pool_socket import TOKEN_BYTES, RecordChannel
+from .pool_socket import connect as connect_channel
 from .pool_wire import (
     DRIVER_FUNCTIONS,
     INLINE_LIMIT,
@@ -642,7 +644,7 @@ class _Feed:
         self.alive = True
         self.ready = False
         # The chunk records, on one streamed call for the pool's life; written to directly.
-        self.writer = StreamWriter()
+        self.writer: StreamWriter | RecordChannel = StreamWriter()
         self.tasks: list[asyncio.Task[None]] = []
         self.stealing = False
         self.blocking = 0  # chunks in flight that may be long (see _send_loop)
@@ -663,20 +665,15 @@ class _Feed:
             if machine.state is not State.RUNNING:
                 raise machine.err() or BigpoolError(f"machine {machine.addr} stopped")
             shared_dir = self.scheduler.pool._shared_dir
+            channel = None
             if shared_dir is not None and await machine._call(
                     f"{SERVICE_NAME}.shared_memory", None, None):
                 self._open_arg_ring(shared_dir)
-            reader = await machine._call(f"{SERVICE_NAME}.results", None, None)
-            assert isinstance(reader, StreamReader)
-            self.ready = True
-            sender = asyncio.get_running_loop().create_task(self._send_loop())
-            self.tasks.append(sender)
-            self.pump()
-            try:
-                await self._read_loop(reader)
-            finally:
-                sender.cancel()
-                reader.close()
+                channel = await self._open_channel()
+            if channel is not None:
+                await self._run_channel(channel)
+            else:
+                await self._run_streams()
         except asyncio.CancelledError:
             self.alive = False
             return
@@ -687,7 +684,54 @@ class _Feed:
                 await asyncio.wait_for(machine.wait_async(State.STOPPED), LOSS_DIAGNOSIS_WAIT)
             self.scheduler.feed_lost(self, exc)
             return
+        # Ended, not broken: a machine process that dies closes its channel's socket cleanly.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(machine.wait_async(State.STOPPED), LOSS_DIAGNOSIS_WAIT)
         self.scheduler.feed_lost(self, BigpoolError(f"machine {machine.addr} ended its results"))
+
+    async def _run_streams(self) -> None:
+        """Feed the machine on one streamed call and read its results on another (over the
+        network, TLS and HTTP/2) until either ends."""
+        reader = await self.machine._call(f"{SERVICE_NAME}.results", None, None)
+        assert isinstance(reader, StreamReader)
+        self.ready = True
+        sender = asyncio.get_running_loop().create_task(self._send_loop())
+        self.tasks.append(sender)
+        self.pump()
+        try:
+            await self._read_loop(reader)
+        finally:
+            sender.cancel()
+            reader.close()
+
+    async def _open_channel(self) -> RecordChannel | None:
+        """The machine's records over a Unix socket (it shares this host: see
+        :mod:`bigpool.pool_socket`), or ``None`` to use the network streams."""
+        token = os.urandom(TOKEN_BYTES)
+        try:
+            path = await self.machine._call(f"{SERVICE_NAME}.open_channel", token, None)
+            return await connect_channel(path, token)
+        except (OSError, RuntimeError, BigpoolError) as exc:
+            _log.debug("records to machine %s go over the network: %s", self.machine.addr, exc)
+            return None
+
+    async def _run_channel(self, channel: RecordChannel) -> None:
+        """Feed the machine and read its results on ``channel`` until either ends; a machine
+        that stops (its keepalive failed) ends it too: nothing else would."""
+        self.writer = channel
+        self.ready = True
+        watch = asyncio.get_running_loop().create_task(self._abort_when_stopped(channel))
+        self.tasks.append(watch)
+        self.pump()
+        try:
+            await self._read_loop(channel)
+        finally:
+            watch.cancel()
+            channel.abort()
+
+    async def _abort_when_stopped(self, channel: RecordChannel) -> None:
+        await self.machine.wait_async(State.STOPPED)
+        channel.abort()
 
     def _open_arg_ring(self, directory: str) -> None:
         name = f"a{os.urandom(6).hex()}"
@@ -797,7 +841,7 @@ class _Feed:
             out.append(b"".join(small))
         return out
 
-    async def _read_loop(self, reader: StreamReader) -> None:
+    async def _read_loop(self, reader: StreamReader | RecordChannel) -> None:
         """Handle result records as their bytes arrive (in the connection's own callback: a
         result costs no turn of the event loop), until the stream ends or breaks."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -4,8 +4,9 @@ processes and streams their results back.
 Every machine of a pool serves a :class:`PoolWorkerService` under :data:`SERVICE_NAME`. The
 driver sends it :class:`Chunk` records on one long-lived streamed call (``submit_stream``; or
 pickled lists of chunks with ``submit``), reads one long-lived streamed reply of result
-records (``results``), may take back chunks not begun (``cancel``) and finally stops the workers
-(``shutdown_workers``). Inside the machine, chunks wait in a FIFO; each idle worker process
+records (``results``); a machine on the driver's host carries both on one Unix socket
+instead (``open_channel``, :mod:`bigpool.pool_socket`). The driver may take back chunks not
+begun (``cancel``) and finally stops the workers (``shutdown_workers``). Inside the machine, chunks wait in a FIFO; each idle worker process
 takes the next one. Workers are ``python -m bigpool._worker_main`` subprocesses (never forks
 of the machine, which has threads and an event loop), driven over private socket pairs from
 the machine's event loop without blocking it.
@@ -39,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import os
 import pickle
 import signal
@@ -68,6 +70,7 @@ from ._worker_main import (
 )
 from .h2rpc import StreamReader, StreamWriter
 from .h2rpc.errors import decode_error, encode_error
+from .pool_socket import ChannelBrokenError, Listener, RecordChannel, listen_once
 from .pool_wire import (
     INLINE_LIMIT,
     MACHINE_FUNCTIONS,
@@ -97,6 +100,8 @@ __all__ = [
 ]
 
 SERVICE_NAME = "BigPoolWorker"
+
+_log = logging.getLogger(__name__)
 
 # Lines of a worker's stderr kept to explain its death.
 STDERR_TAIL_LINES = 20
@@ -418,7 +423,8 @@ class PoolWorkerService:
         # Seconds the last chunk of each function took here: decides what may be sent ahead.
         self._func_seconds: dict[bytes, float] = {}
         self._records: collections.deque[Buffer] = collections.deque()
-        self._writer: StreamWriter | None = None
+        self._writer: StreamWriter | RecordChannel | None = None
+        self._listeners: list[Listener] = []
         self._closed = False
         self._done = 0
         self._restarts = 0
@@ -539,13 +545,23 @@ class PoolWorkerService:
         """Queue chunks as their records arrive on ``records`` (:mod:`bigpool.pool_wire`), until
         the caller ends the stream; how many there were.
 
-        This is how a pool's driver feeds a machine: one call for the pool's life, no round
-        trip per batch. Raises ``ValueError`` naming the problem for a malformed record (the
-        chunks before it stay queued) and ``RuntimeError`` after :meth:`shutdown_workers`.
+        This is how a pool's driver feeds a machine over the network: one call for the pool's
+        life, no round trip per batch. Raises ``ValueError`` naming the problem for a malformed
+        record (the chunks before it stay queued) and ``RuntimeError`` after
+        :meth:`shutdown_workers`.
         """
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._consume(records, done)
+        try:
+            return await done
+        finally:
+            records.on_arrival(None)
+
+    def _consume(self, records: StreamReader | RecordChannel, done: asyncio.Future[int]) -> None:
+        """Queue chunks as their records arrive on ``records``; ``done`` gets how many there
+        were when the stream ends, or what went wrong."""
         decoder = ChunkDecoder()
         count = 0
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def drain() -> None:  # in the connection's callback: no turn of the loop per record
             nonlocal count
@@ -570,10 +586,43 @@ class PoolWorkerService:
                 done.set_exception(exc)
 
         records.on_arrival(drain)
-        try:
-            return await done
-        finally:
-            records.on_arrival(None)
+
+    async def open_channel(self, token: bytes) -> str:
+        """Listen for the driver on a Unix socket in the pool's directory (a
+        :class:`bigpool.pool_socket.RecordChannel`); its path.
+
+        The first connection that presents ``token`` within ``pool_socket.ACCEPT_TIMEOUT``
+        seconds carries the chunk records in and the result records out, as
+        :meth:`submit_stream` and :meth:`results` do over the network (it takes over from an
+        open results stream). Raises ``RuntimeError`` if this machine does not share the
+        driver's host (:meth:`shared_memory` is false) or after :meth:`shutdown_workers`.
+        """
+        if self._closed or self._loop is None:
+            raise RuntimeError("the pool workers are shut down" if self._closed
+                               else "the service was not started (init was not called)")
+        if not self._shared or self.shared_dir is None:
+            raise RuntimeError("open_channel: this machine does not share the driver's host "
+                               "(it found no shared-memory probe)")
+        listener = await listen_once(self.shared_dir, token, self._attach_channel)
+        self._listeners = [x for x in self._listeners if not x.closed] + [listener]
+        return listener.path
+
+    def _attach_channel(self, channel: RecordChannel) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = channel
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def ended(future: asyncio.Future[int]) -> None:
+            exc = future.exception()
+            if exc is not None and not isinstance(exc, ChannelBrokenError):
+                _log.warning("the pool channel's chunk records failed: %s", exc)
+            channel.on_arrival(None)
+            channel.abort()
+
+        done.add_done_callback(ended)
+        self._consume(channel, done)
+        self._send_records()
 
     async def results(self, _: object = None) -> StreamWriter:
         """The stream of result records (see the module docstring), as chunks complete.
@@ -668,6 +717,8 @@ class PoolWorkerService:
         self._send_records()
         if self._writer is not None:
             self._writer.close()
+        for listener in self._listeners:
+            listener.close()
         if self._monitor is not None:
             self._monitor.cancel()
         workers = list(self._all)
@@ -1026,7 +1077,12 @@ class PoolWorkerService:
         return [w.pid for w in self._workers if w.proc.poll() is None]
 
     def _bigpool_close(self) -> None:
-        """Called by in-process systems when the machine goes away: no worker may stay."""
+        """Called by in-process systems when the machine goes away: no worker may stay, and
+        no socket to the driver either."""
+        for listener in self._listeners:
+            listener.close()
+        if isinstance(self._writer, RecordChannel):
+            self._writer.abort()
         if self._all:
             self._kill_all()
 

@@ -5,6 +5,11 @@
 ``"test"`` (in-process machines) and ``"local"`` (one process per machine) systems. The
 bigpool backends skip while ``bigpool.BigPool`` / ``bigpool.BigPoolExecutor`` do not exist.
 
+The two bigpool backends take the two ways records travel: ``"local"`` pools use the
+driver's host's shortcuts (a Unix socket per machine, shared memory for large payloads:
+``bigpool.pool_socket``, ``bigpool.pool_shm``), ``"test"`` pools are made with
+``shared_memory=False`` and send everything over HTTP/2 and TLS, as machines on other hosts do.
+
 The stdlib reference uses the ``forkserver`` start method: the driver has threads (bigpool's
 loop threads, pytest-timeout), which ``fork`` does not mix well with, and
 ``ProcessPoolExecutor(max_tasks_per_child=...)`` refuses ``fork``. The behaviour under test
@@ -65,7 +70,8 @@ def new_pool(
     if backend == "stdlib":
         return STDLIB_CTX.Pool(processes, initializer, initargs, maxtasksperchild)
     return bigpool.BigPool(  # type: ignore[attr-defined]
-        processes, initializer, initargs, maxtasksperchild, system=backend
+        processes, initializer, initargs, maxtasksperchild, system=backend,
+        shared_memory=backend != "test",
     )
 
 
@@ -82,7 +88,8 @@ def new_executor(
         kw["max_tasks_per_child"] = max_tasks_per_child
     if backend == "stdlib":
         return ProcessPoolExecutor(max_workers, mp_context=STDLIB_CTX, **kw)
-    return bigpool.BigPoolExecutor(max_workers, system=backend, **kw)  # type: ignore[attr-defined]
+    return bigpool.BigPoolExecutor(  # type: ignore[attr-defined]
+        max_workers, system=backend, shared_memory=backend != "test", **kw)
 
 
 class Gate:

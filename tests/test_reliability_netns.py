@@ -5,6 +5,10 @@ root namespace), runs a pool on the ``netns`` system, breaks something, and chec
 result is lost or doubled and that no process is left on any host. Figures (detection time
 against the keepalive timeout, time to recover) are recorded with ``reliability_support.record``
 for docs/reliability.md. Needs root (skips with the reason otherwise).
+
+The namespaces share this host's ``/dev/shm``, so a pool would find its machines on the
+driver's host and send them records over a Unix socket and large payloads through shared
+memory, around the network under test: every pool here is made with ``shared_memory=False``.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class StopWatch:
 
 def test_sigkill_one_machine_mid_map_every_result_once(three_hosts: Hosts) -> None:
     system = _system(three_hosts)
-    with BigPool(3, system=system) as pool:
+    with BigPool(3, system=system, shared_memory=False) as pool:
         victim = pool.machines[0]
         victim.wait(State.RUNNING, 60)
         assert victim.call("Supervisor.info", timeout=30)["event_loop"] == expected_loop_name()
@@ -108,7 +112,7 @@ def test_host_cut_off_fails_calls_within_timeout_and_reschedules(
     """The link goes down; with ``frozen`` the machine is also stopped (SIGSTOP), as a host that
     lost power: its process cannot exit, so only the driver's keepalives can find it gone."""
     system = _system(three_hosts)
-    with BigPool(3, system=system, services={"Probe": Probe()}) as pool:
+    with BigPool(3, system=system, services={"Probe": Probe()}, shared_memory=False) as pool:
         for m in pool.machines:
             m.wait(State.RUNNING, 60)
         victim = pool.machines[0]
@@ -175,7 +179,7 @@ DRIVER_SCRIPT = textwrap.dedent("""
     from bigpool.systems.netns import NetnsHost, NetnsSystem
     hosts = [NetnsHost(*h) for h in json.loads(sys.argv[1])]
     system = NetnsSystem(hosts, keepalive=KeepaliveConfig(period=0.5, timeout=3.0, rpc_timeout=1.0))
-    pool = BigPool(len(hosts), system=system)
+    pool = BigPool(len(hosts), system=system, shared_memory=False)
     for m in pool.machines:
         m.wait(State.RUNNING, 60)
     pending = pool.map_async(time.sleep, [0.05] * 100_000)
@@ -227,7 +231,7 @@ def test_machine_out_of_memory_is_named_and_pool_carries_on(three_hosts: Hosts) 
         limited = [NetnsHost(h.netns, h.address, cg)
                    for h, cg in zip(three_hosts.hosts, (cg0, cg1), strict=False)]
         system = NetnsSystem(limited, keepalive=KEEPALIVE)
-        with BigPool(2, system=system, retries=1) as pool:
+        with BigPool(2, system=system, retries=1, shared_memory=False) as pool:
             for m in pool.machines:
                 m.wait(State.RUNNING, 60)
             hog = pool.apply_async(allocate, (4 * limit,))
@@ -300,7 +304,7 @@ def test_slow_host_does_not_dominate_the_map(three_hosts: Hosts) -> None:
                                  delay_ms / 1000, keepalive=KEEPALIVE)
         how = "delay proxy (no sch_netem: " + netem_missing.split(":")[0] + ")"
     try:
-        with BigPool(3, system=system) as pool:
+        with BigPool(3, system=system, shared_memory=False) as pool:
             for m in pool.machines:
                 m.wait(State.RUNNING, 60)
             tasks = 300
@@ -344,7 +348,7 @@ def test_soak_machines_killed_and_replaced(three_hosts: Hosts) -> None:
     tasks = 100_000 if long else 20_000
     kill_every = 3.0 if long else 1.0
     system = _system(three_hosts)
-    with BigPool(3, system=system, retries=20) as pool:
+    with BigPool(3, system=system, retries=20, shared_memory=False) as pool:
         for m in pool.machines:
             m.wait(State.RUNNING, 60)
         done = threading.Event()
@@ -385,7 +389,7 @@ def test_soak_machines_killed_and_replaced(three_hosts: Hosts) -> None:
 def test_short_partition_loses_no_machine(three_hosts: Hosts) -> None:
     """A link down for less than the keepalive timeout costs time, not machines or results."""
     system = _system(three_hosts)
-    with BigPool(3, system=system) as pool:
+    with BigPool(3, system=system, shared_memory=False) as pool:
         for m in pool.machines:
             m.wait(State.RUNNING, 60)
         victim = pool.machines[0]

@@ -7,6 +7,10 @@ computers; the namespaces themselves (``ip netns add``, addresses, routes) are m
 caller, which needs root. Otherwise it is the local system: the driver binds each machine's
 listening socket (inside the machine's namespace, so there is still no port race) and hands
 it, with the machine's certificate, to ``python -m bigpool.node`` run in that namespace.
+
+Only the network is the host's own: the machines share this host's files and ``/dev/shm``, so
+a :class:`bigpool.BigPool` finds them on the driver's host and skips the network for their
+records and large payloads unless it is made with ``shared_memory=False``.
 """
 
 from __future__ import annotations
