@@ -34,7 +34,7 @@ def tune_malloc() -> bool:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _load_libc()
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False  # not glibc (musl, macOS): nothing to tune
@@ -43,3 +43,12 @@ def tune_malloc() -> bool:
     _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _done
+
+
+def _load_libc() -> ctypes.CDLL:
+    """glibc by its soname first: ``find_library`` runs ``ldconfig -p`` in a subprocess, a fork
+    on the start-up path of every machine and worker process."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"))

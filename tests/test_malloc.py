@@ -49,3 +49,38 @@ def test_the_switch_leaves_malloc_alone() -> None:
     tuned, faults = _run("0")
     assert tuned == "False"
     assert faults > 10 * PAGES_PER_BUFFER, faults  # glibc's default: fresh pages every time
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is for glibc only")
+def test_glibc_is_found_without_running_ldconfig(monkeypatch: pytest.MonkeyPatch) -> None:
+    """find_library forks ``ldconfig -p``: every machine and worker would pay for it."""
+    import ctypes.util
+
+    from bigpool import _malloc
+
+    def no_ldconfig(name: str) -> str:
+        raise AssertionError(f"find_library({name!r}) was called")
+
+    monkeypatch.setattr(ctypes.util, "find_library", no_ldconfig)
+    assert _malloc._load_libc().mallopt is not None
+
+
+def test_libc_falls_back_to_find_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no library has glibc's soname, the C library is looked up by name."""
+    import ctypes
+    import ctypes.util
+
+    from bigpool import _malloc
+
+    opened: list[str | None] = []
+
+    class FakeCDLL:
+        def __init__(self, name: str | None) -> None:
+            opened.append(name)
+            if name == "libc.so.6":
+                raise OSError("libc.so.6: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", FakeCDLL)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so.test")
+    assert isinstance(_malloc._load_libc(), FakeCDLL)
+    assert opened == ["libc.so.6", "libc.so.test"]
