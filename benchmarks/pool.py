@@ -389,8 +389,20 @@ def machine_line() -> str:
         f"machine: {model}{os.cpu_count()} cores ({usable} usable), "
         f"Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{platform.platform()}, multiprocessing start method "
-        f"{multiprocessing.get_start_method()}"
+        f"{multiprocessing.get_start_method()}; {bytecode_state()}"
     )
+
+
+def bytecode_state() -> str:
+    """Whether bigpool's machines and workers load it from cached bytecode or compile it at
+    start (no cache is written under ``PYTHONDONTWRITEBYTECODE``): ~0.15 s of start-up here."""
+    import importlib.util
+
+    import bigpool.pool
+
+    source = bigpool.pool.__file__ or ""
+    cached = os.path.exists(importlib.util.cache_from_source(source))
+    return f"bigpool bytecode {'cached' if cached else 'not cached (compiled in every process)'}"
 
 
 def cpu_idle(seconds: float) -> float | None:
