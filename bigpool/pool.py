@@ -253,12 +253,22 @@ _PLAIN_TYPES = frozenset({int, float, str, bool, type(None), complex})
 def _plain(tasks: list[Any], star: bool) -> bool:
     """Whether every task (or, with ``star``, every argument of every task) is a plain value."""
     plain = _PLAIN_TYPES
+    # Loops, not all(<generator>): for the one-task chunks of apply and chunksize=1 the
+    # generator's set-up cost three times the check itself.
     if not star:
-        return all(type(t) in plain or (type(t) is bytes and len(t) < OUT_OF_BAND_FROM)
-                   for t in tasks)
-    return all(type(t) is tuple and all(
-        type(a) in plain or (type(a) is bytes and len(a) < OUT_OF_BAND_FROM) for a in t)
-        for t in tasks)
+        for t in tasks:
+            kind = type(t)
+            if kind not in plain and (kind is not bytes or len(t) >= OUT_OF_BAND_FROM):
+                return False
+        return True
+    for t in tasks:
+        if type(t) is not tuple:
+            return False
+        for a in t:
+            kind = type(a)
+            if kind not in plain and (kind is not bytes or len(a) >= OUT_OF_BAND_FROM):
+                return False
+    return True
 
 
 def _size(buffers: tuple[Buffer, ...]) -> int:

@@ -246,6 +246,8 @@ def test_chunks_of_plain_values_are_pickled_directly() -> None:
     for odd in ([Tagged(b"x")], [bytes(OUT_OF_BAND_FROM)], [[1]], [(1,)], [lambda: 0]):
         assert not _plain(odd, star=False), odd
     assert not _plain([(1, [2])], star=True) and not _plain([1], star=True)
+    assert not _plain([(1,), (bytes(OUT_OF_BAND_FROM),)], star=True)
+    assert _plain([(b"x" * (OUT_OF_BAND_FROM - 1),)], star=True)
     assert pickle.loads(_pickle_tasks([Tagged(b"x")], star=False)[0]) == [Tagged(b"x")]
 
 
