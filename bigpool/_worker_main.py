@@ -54,7 +54,15 @@ import dill
 
 from bigpool import expvar
 from bigpool._malloc import tune_malloc
-from bigpool.pool_shm import SHARED_FROM, Ring, RingWriter, Shared, SharedError, materialize
+from bigpool.pool_shm import (
+    SHARED_FROM,
+    Ring,
+    RingWriter,
+    Shared,
+    SharedError,
+    materialize,
+    remove_if_orphaned,
+)
 from bigpool.pool_wire import (
     OUT_OF_BAND_FROM,
     WORKER_FUNCTIONS,
@@ -323,11 +331,12 @@ def _send_expvars(writer: IO[bytes], sent: int) -> int:
     return now
 
 
-def _watch_parent(ppid: int) -> None:
+def _watch_parent(ppid: int, shared_dir: str | None) -> None:
     def watch() -> None:
         while True:
             time.sleep(PARENT_CHECK_SECONDS)
             if os.getppid() != ppid:
+                _clean_up_after_driver(shared_dir)
                 os._exit(1)
 
     threading.Thread(target=watch, name="bigpool-worker-parent-watch", daemon=True).start()
@@ -355,6 +364,13 @@ def _load_function(func_id: bytes, func: bytes | None, cache: LRUTable[bytes, An
     return loaded
 
 
+def _clean_up_after_driver(shared_dir: str | None) -> None:
+    """The machine is gone: if its driver is gone too, nobody else removes the pool's rings."""
+    if shared_dir is not None:
+        with contextlib.suppress(Exception):
+            remove_if_orphaned(shared_dir)
+
+
 def _exit(code: int) -> None:
     with contextlib.suppress(BaseException):
         sys.stdout.flush()
@@ -367,9 +383,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
     ppid = os.getppid()
-    _watch_parent(ppid)
     read_fd, write_fd, revoke_fd = (int(fd) for fd in os.environ.pop(ENV_FDS).split(","))
     shared_dir = os.environ.pop(ENV_SHARED_DIR, None) or None
+    _watch_parent(ppid, shared_dir)
     for fd in (read_fd, write_fd, revoke_fd):
         os.set_inheritable(fd, False)
     with contextlib.suppress(Exception):
@@ -398,23 +414,25 @@ def main() -> None:
 
     cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
     rings = SharedRings(shared_dir)
-    while True:
-        body = _read_record(reader)
-        if body is None:
-            break
-        chunk = decode_chunk(memoryview(body))
-        # A revoked chunk still updates the function table, which the machine's mirrors.
-        func = _load_function(chunk.func_id, chunk.func, cache)
-        if not gate.take():
+    with contextlib.suppress(BrokenPipeError):  # the machine went away
+        while True:
+            body = _read_record(reader)
+            if body is None:
+                break
+            chunk = decode_chunk(memoryview(body))
+            # A revoked chunk still updates the function table, which the machine's mirrors.
+            func = _load_function(chunk.func_id, chunk.func, cache)
+            if not gate.take():
+                del body, chunk
+                continue
+            record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star,
+                                       chunk.args_dill, chunk.buffers, chunk.shared, rings)
             del body, chunk
-            continue
-        record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star, chunk.args_dill,
-                                   chunk.buffers, chunk.shared, rings)
-        del body, chunk
-        with lock:
-            sent_expvars = _send_expvars(writer, sent_expvars)
-        _send(writer, lock, MSG_RESULT, ntasks, record)
-        del record
+            with lock:
+                sent_expvars = _send_expvars(writer, sent_expvars)
+            _send(writer, lock, MSG_RESULT, ntasks, record)
+            del record
+    _clean_up_after_driver(shared_dir)
     _exit(0)
 
 

@@ -385,6 +385,25 @@ def remove_pool_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_if_orphaned(path: str) -> bool:
+    """Remove the pool directory ``path`` if the driver that made it (its pid is in the name)
+    is no longer running; whether it did.
+
+    A killed driver cannot remove its rings; its machines outlive it until their keepalives
+    run out, and their worker processes call this as they exit, so the memory goes back then
+    rather than when the next pool on this host sweeps (:func:`sweep_stale_dirs`)."""
+    match = _DIR.match(os.path.basename(path.rstrip(os.sep)))
+    if match is None or _running(int(match.group(1))):
+        return False
+    try:
+        if os.lstat(path).st_uid != os.getuid():
+            return False
+    except OSError:
+        return False
+    remove_pool_dir(path)
+    return True
+
+
 def sweep_stale_dirs(root: str = SHM_ROOT) -> list[str]:
     """Remove this user's pool directories whose driver is no longer running (a driver that
     was killed leaves its rings behind); the paths removed."""

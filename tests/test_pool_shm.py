@@ -34,6 +34,7 @@ from bigpool.pool_shm import (
     encode_shared,
     make_pool_dir,
     materialize,
+    remove_if_orphaned,
     sweep_stale_dirs,
 )
 from bigpool.pool_wire import (
@@ -167,6 +168,21 @@ def test_stale_pool_directories_of_dead_drivers_are_swept(tmp_path: Path) -> Non
     assert sweep_stale_dirs(str(tmp_path)) == [str(dead_dir)]
     assert not dead_dir.exists() and os.path.isdir(live_dir) and other.exists()
     assert os.stat(live_dir).st_mode & 0o777 == 0o700
+
+
+def test_a_directory_is_removed_as_orphaned_only_once_its_driver_is_gone(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_dir = tmp_path / f"bigpool-{int(dead.stdout)}-{'0' * 16}"
+    dead_dir.mkdir()
+    (dead_dir / "a1").write_bytes(b"left behind")
+    live_dir = make_pool_dir(str(tmp_path))  # this process is its driver
+    other = tmp_path / "not-a-pool"
+    other.mkdir()
+    assert not remove_if_orphaned(live_dir) and os.path.isdir(live_dir)
+    assert not remove_if_orphaned(str(other)) and other.exists()
+    assert not remove_if_orphaned(str(tmp_path / "bigpool-1-missing"))
+    assert remove_if_orphaned(str(dead_dir) + os.sep) and not dead_dir.exists()
 
 
 # records ------------------------------------------------------------------------------------
@@ -444,7 +460,7 @@ time.sleep(120)
 
 
 @needs_dev_shm
-def test_a_killed_drivers_directory_is_removed_by_the_next_pool() -> None:
+def test_a_killed_drivers_directory_goes_with_its_orphaned_machines() -> None:
     import psutil
 
     driver = subprocess.Popen([sys.executable, "-c", DRIVER_THEN_WAIT], stdout=subprocess.PIPE,
@@ -458,13 +474,12 @@ def test_a_killed_drivers_directory_is_removed_by_the_next_pool() -> None:
         machines = psutil.Process(driver.pid).children(recursive=True)
         driver.kill()
         driver.wait(10)
-        # Its machines exit by themselves once keepalives stop; its rings stay behind.
+        # Its machines exit by themselves once keepalives stop, and their workers, finding
+        # the driver gone, remove its rings: no pool has to start on this host for that.
         wait_until(lambda: not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE
                                    for m in machines), 20, "the orphaned machines to exit")
-        assert os.path.isdir(directory)
-        with BigPool(1, system="test") as pool:
-            assert not os.path.exists(directory)
-            assert pool._shared_dir is not None and os.path.isdir(pool._shared_dir)
+        wait_until(lambda: not os.path.exists(directory), 10,
+                   "the orphaned workers to remove the killed driver's directory")
     finally:
         if driver.poll() is None:
             driver.kill()
