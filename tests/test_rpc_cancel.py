@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from typing import Any
@@ -145,3 +146,43 @@ async def test_server_closing_mid_call_is_a_network_error_and_cancels(make_rpc: 
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_call_failing_as_its_caller_is_cancelled_logs_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller is cancelled while the call fails (as when a machine's connection is refused
+    during shutdown): asyncio logs no unretrieved error for the call (Python 3.11's wait_for
+    gives the caller the cancellation and drops the error; later versions give the error)."""
+    from bigpool.h2rpc import Client, NetworkError
+
+    entered = asyncio.Event()
+
+    async def refused(self: Client, addr: str, method: str, arg: Any, timeout: Any) -> Any:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # What a connect that failed as it was cancelled gives: an error, not the cancel.
+            raise NetworkError("cannot connect: refused", addr=addr) from None
+
+    monkeypatch.setattr(Client, "_call", refused)
+    loop = asyncio.get_running_loop()
+    logged: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: logged.append(context))
+    try:
+        client = Client(None)
+        caller = asyncio.ensure_future(
+            client.call("https://127.0.0.1:9/", "S.m", None, timeout=DEADLINE))
+        await asyncio.wait_for(entered.wait(), DEADLINE)
+        caller.cancel()
+        with pytest.raises((asyncio.CancelledError, NetworkError)):
+            await caller
+        del caller
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.collect()  # an unretrieved error is logged when its task is collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not [c for c in logged if "never retrieved" in str(c.get("message"))], logged

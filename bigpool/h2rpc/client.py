@@ -154,6 +154,15 @@ class ClientConnection(H2Connection):
                 waiter.set_result(None)
 
 
+def _consume_outcome(call: asyncio.Future[Any]) -> None:
+    """Mark a timed call's outcome as seen. When the caller is cancelled at the moment the
+    call fails (a refused connection, say), Python 3.11's ``wait_for`` cancels the call, gets
+    its error instead of a cancellation, and drops it: asyncio would then log "Task exception
+    was never retrieved" for an error nobody is waiting for any more."""
+    if not call.cancelled():
+        call.exception()
+
+
 class Client:
     """Calls RPC methods on peers, over mutual TLS when given a context.
 
@@ -190,8 +199,10 @@ class Client:
             return await self._call(addr, service_method, arg, None)
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout!r}")
+        call = asyncio.ensure_future(self._call(addr, service_method, arg, timeout))
+        call.add_done_callback(_consume_outcome)
         try:
-            return await asyncio.wait_for(self._call(addr, service_method, arg, timeout), timeout)
+            return await asyncio.wait_for(call, timeout)
         except asyncio.TimeoutError:
             raise CallTimeoutError(service_method, timeout) from None
 
