@@ -156,12 +156,18 @@ def test_a_ring_is_opened_only_by_plain_name_and_must_be_a_ring(ring_dir: str) -
     ring.close()
 
 
-def test_stale_pool_directories_of_dead_drivers_are_swept(tmp_path: Path) -> None:
+def _dead_drivers_dir(root: Path) -> Path:
+    """A pool directory, with a ring file in it, named for a process that has exited."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    dead_dir = tmp_path / f"bigpool-{int(dead.stdout)}-{'0' * 16}"
+    dead_dir = root / f"bigpool-{int(dead.stdout)}-{'0' * 16}"
     dead_dir.mkdir()
     (dead_dir / "a1").write_bytes(b"left behind")
+    return dead_dir
+
+
+def test_stale_pool_directories_of_dead_drivers_are_swept(tmp_path: Path) -> None:
+    dead_dir = _dead_drivers_dir(tmp_path)
     live_dir = make_pool_dir(str(tmp_path))  # this process's: kept
     other = tmp_path / "bigpool-not-ours"
     other.mkdir()
@@ -171,11 +177,7 @@ def test_stale_pool_directories_of_dead_drivers_are_swept(tmp_path: Path) -> Non
 
 
 def test_a_directory_is_removed_as_orphaned_only_once_its_driver_is_gone(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead_dir = tmp_path / f"bigpool-{int(dead.stdout)}-{'0' * 16}"
-    dead_dir.mkdir()
-    (dead_dir / "a1").write_bytes(b"left behind")
+    dead_dir = _dead_drivers_dir(tmp_path)
     live_dir = make_pool_dir(str(tmp_path))  # this process is its driver
     other = tmp_path / "not-a-pool"
     other.mkdir()
