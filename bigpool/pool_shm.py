@@ -407,27 +407,12 @@ def remove_if_orphaned(path: str) -> bool:
 def sweep_stale_dirs(root: str = SHM_ROOT) -> list[str]:
     """Remove this user's pool directories whose driver is no longer running (a driver that
     was killed leaves its rings behind); the paths removed."""
-    removed: list[str] = []
     try:
         names = os.listdir(root)
     except OSError:
-        return removed
-    uid = os.getuid()
-    for name in names:
-        match = _DIR.match(name)
-        if match is None:
-            continue
-        path = os.path.join(root, name)
-        try:
-            if os.lstat(path).st_uid != uid:
-                continue
-        except OSError:
-            continue
-        if _running(int(match.group(1))):
-            continue
-        remove_pool_dir(path)
-        removed.append(path)
-    return removed
+        return []
+    paths = (os.path.join(root, name) for name in names)
+    return [path for path in paths if remove_if_orphaned(path)]
 
 
 def _running(pid: int) -> bool:

@@ -6,10 +6,11 @@ driver sends it :class:`Chunk` records on one long-lived streamed call (``submit
 pickled lists of chunks with ``submit``), reads one long-lived streamed reply of result
 records (``results``); a machine on the driver's host carries both on one Unix socket
 instead (``open_channel``, :mod:`bigpool.pool_socket`). The driver may take back chunks not
-begun (``cancel``) and finally stops the workers (``shutdown_workers``). Inside the machine, chunks wait in a FIFO; each idle worker process
-takes the next one. Workers are ``python -m bigpool._worker_main`` subprocesses (never forks
-of the machine, which has threads and an event loop), driven over private socket pairs from
-the machine's event loop without blocking it.
+begun (``cancel``) and finally stops the workers (``shutdown_workers``). Inside the machine,
+chunks wait in a FIFO; each idle worker process takes the next one. Workers are
+``python -m bigpool._worker_main`` subprocesses (never forks of the machine, which has threads
+and an event loop), driven over private socket pairs from the machine's event loop without
+blocking it.
 
 Result records (the ``results`` stream, a :class:`bigpool.h2rpc.StreamWriter` written to as
 chunks complete: the records one read of the workers' sockets brings go out together) are
