@@ -64,7 +64,13 @@ from bigpool.pool_shm import (
     remove_if_orphaned,
 )
 from bigpool.pool_wire import (
+    CHUNK_HEADER,
+    FLAG_DILL,
+    FLAG_STAR,
+    INLINE_LIMIT,
     OUT_OF_BAND_FROM,
+    RESULT_HEAD,
+    RESULT_HEADER,
     WORKER_FUNCTIONS,
     LRUTable,
     OutOfBand,
@@ -197,6 +203,7 @@ def run_chunk(
     buffers: tuple[bytes | bytearray | memoryview, ...] = (),
     shared: Shared | None = None,
     rings: SharedRings | None = None,
+    pid: int | None = None,
 ) -> tuple[list[bytes | bytearray | memoryview], int]:
     """Run one chunk; its result record (buffers to write in order) and how many tasks it had.
 
@@ -204,13 +211,14 @@ def run_chunk(
     Semantics are ``multiprocessing.pool``'s ``mapstar``/``starmapstar``: the result is the list
     of return values, or the first exception raised (the whole chunk fails with it). With
     ``rings``, the arguments' buffers may be ``shared`` and large results go back through them.
+    ``pid`` is the one to put in the record (this process's by default).
     """
     started = time.perf_counter()
     ntasks = 0
     payload: bytes
     payload_dill = False
     result_shared: Shared | None = None
-    if isinstance(func, LoadFailure):
+    if type(func) is LoadFailure:
         status, payload = TASK_ERROR, func.encoded
     else:
         try:
@@ -226,7 +234,8 @@ def run_chunk(
             status, payload = TASK_ERROR, _encode_error(exc)
         else:
             try:
-                placed = rings.place_result(result) if rings is not None else None
+                placed = (rings.place_result(result) if rings is not None
+                          and rings.directory is not None else None)
                 if placed is not None:
                     payload, result_shared = placed
                 else:
@@ -236,8 +245,13 @@ def run_chunk(
                 status = ENCODE_ERROR
                 payload = pickle.dumps((_short_repr(exc), _short_repr(result)), protocol=5)
             del result
-    record = Result(chunk_id, status, payload, os.getpid(), time.perf_counter() - started,
-                    payload_dill, result_shared)
+    if pid is None:
+        pid = os.getpid()
+    seconds = time.perf_counter() - started
+    if result_shared is None and len(payload) < INLINE_LIMIT:  # one buffer, one pack
+        return [RESULT_HEAD.pack(RESULT_HEADER.size + len(payload), chunk_id, status,
+                                 FLAG_DILL if payload_dill else 0, pid, seconds) + payload], ntasks
+    record = Result(chunk_id, status, payload, pid, seconds, payload_dill, result_shared)
     return encode_result(record), ntasks
 
 
@@ -378,6 +392,70 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+def serve(reader: IO[bytes], writer: IO[bytes], lock: threading.Lock, gate: Gate,
+          rings: SharedRings, sent_expvars: int) -> None:
+    """Run the chunk records read from ``reader`` until it ends, writing a result frame for
+    each one the gate lets begin (see the module docstring); ``sent_expvars``: the version of
+    the expvars the machine has.
+
+    A small chunk whose function this worker has, with its arguments in the record, takes a
+    short way here (no :class:`~bigpool.pool_wire.Chunk` is made): a no-op task's cost is
+    mostly this loop's own.
+    """
+    cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
+    read = reader.read
+    write = writer.write
+    flush = writer.flush
+    touch = cache.touch
+    take = gate.take
+    pid = os.getpid()
+    head_size = CHUNK_HEADER.size
+    while True:
+        prefix = read(LENGTH.size)
+        if len(prefix) < LENGTH.size:
+            return
+        (size,) = LENGTH.unpack(prefix)
+        body = read(size)
+        if len(body) < size:
+            return
+        func: Any = None
+        if size >= head_size:
+            flags, chunk_id, id_size, func_size = CHUNK_HEADER.unpack_from(body)
+            if not func_size and not flags & ~(FLAG_STAR | FLAG_DILL) and (
+                    head_size + id_size <= size):
+                func = touch(body[head_size : head_size + id_size])
+        if func is not None:
+            view = memoryview(body)
+            args = view[head_size + id_size :]
+            if not take():
+                continue
+            record, ntasks = run_chunk(chunk_id, func, args, flags & FLAG_STAR != 0,
+                                       flags & FLAG_DILL != 0, (), None, rings, pid)
+            del view, args
+        else:
+            chunk = decode_chunk(memoryview(body))
+            # A revoked chunk still updates the function table, which the machine's mirrors.
+            func = _load_function(chunk.func_id, chunk.func, cache)
+            if not take():
+                del body, chunk
+                continue
+            record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star,
+                                       chunk.args_dill, chunk.buffers, chunk.shared, rings, pid)
+            del chunk
+        del body, func
+        if expvar.version() != sent_expvars:
+            with lock:
+                sent_expvars = _send_expvars(writer, sent_expvars)
+        if len(record) == 1 and len(record[0]) < SMALL_FRAME:
+            frame = HEADER.pack(len(record[0]), MSG_RESULT, ntasks) + record[0]
+            with lock:
+                write(frame)
+                flush()
+        else:
+            _send(writer, lock, MSG_RESULT, ntasks, record)
+        del record
+
+
 def main() -> None:
     """Serve the machine until the command channel ends (never returns: exits the process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -412,26 +490,9 @@ def main() -> None:
     gate = Gate()
     _serve_revocations(revoke_fd, gate, writer, lock)
 
-    cache: LRUTable[bytes, Any] = LRUTable(WORKER_FUNCTIONS)
     rings = SharedRings(shared_dir)
     with contextlib.suppress(BrokenPipeError):  # the machine went away
-        while True:
-            body = _read_record(reader)
-            if body is None:
-                break
-            chunk = decode_chunk(memoryview(body))
-            # A revoked chunk still updates the function table, which the machine's mirrors.
-            func = _load_function(chunk.func_id, chunk.func, cache)
-            if not gate.take():
-                del body, chunk
-                continue
-            record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star,
-                                       chunk.args_dill, chunk.buffers, chunk.shared, rings)
-            del body, chunk
-            with lock:
-                sent_expvars = _send_expvars(writer, sent_expvars)
-            _send(writer, lock, MSG_RESULT, ntasks, record)
-            del record
+        serve(reader, writer, lock, gate, rings, sent_expvars)
     _clean_up_after_driver(shared_dir)
     _exit(0)
 

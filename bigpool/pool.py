@@ -78,13 +78,12 @@ from .pool_wire import (
     INLINE_LIMIT,
     OUT_OF_BAND_FROM,
     Buffer,
-    Chunk,
     LRUTable,
     OutOfBand,
     Pieces,
     Result,
     ResultDecoder,
-    encode_chunk,
+    encode_chunk_fields,
     payload_bytes,
     raw_buffer,
 )
@@ -837,8 +836,8 @@ class _Feed:
             if self.sent_functions.touch(fid) is None:
                 self.sent_functions.put(fid, True)
                 func = ref.func.data
-            for part in encode_chunk(Chunk(ref.chunk_id, fid, func, args, ref.star,
-                                           ref.args_dill, buffers, ref.shared)):
+            for part in encode_chunk_fields(ref.chunk_id, fid, func, args, ref.star,
+                                            ref.args_dill, buffers, ref.shared):
                 if len(part) < INLINE_LIMIT:
                     small.append(part)
                     continue

@@ -70,6 +70,7 @@ __all__ = [
     "decode_chunk",
     "decode_result",
     "encode_chunk",
+    "encode_chunk_fields",
     "encode_result",
     "payload_bytes",
     "raw_buffer",
@@ -78,6 +79,9 @@ __all__ = [
 LENGTH = struct.Struct(">I")
 CHUNK_HEADER = struct.Struct(">BQBI")
 RESULT_HEADER = struct.Struct(">QBBid")
+# The length prefix and the header together, packed at once for a record in one buffer.
+CHUNK_HEAD = struct.Struct(">IBQBI")
+RESULT_HEAD = struct.Struct(">IQBBid")
 FLAG_STAR = 1
 FLAG_DILL = 2
 FLAG_BUFFERS = 4
@@ -150,6 +154,10 @@ class Chunk:
     args_dill: bool = True
     buffers: tuple[Buffer, ...] = ()  # out-of-band buffers of ``args`` (byte-format views)
     shared: Shared | None = None  # or where they are in shared memory (see pool_shm)
+    # A decoded chunk's record body (length prefix removed), and whether it holds ``func``:
+    # a machine passes the record on as it came when its worker needs what it holds.
+    record: Buffer | None = None
+    record_has_func: bool = False
 
 
 @dataclass(slots=True)
@@ -206,33 +214,46 @@ class RecordError(ValueError):
 def encode_chunk(chunk: Chunk, include_function: bool = True) -> list[Buffer]:
     """The buffers of ``chunk``'s record, to be written in order (large arguments uncopied);
     without ``include_function``, the record leaves the function out (the receiver has it)."""
-    func = (chunk.func or b"") if include_function else b""
-    if len(chunk.func_id) > 255:
-        raise ValueError(f"a function id has at most 255 bytes, not {len(chunk.func_id)}")
-    buffers = chunk.buffers
-    flags = (FLAG_STAR if chunk.star else 0) | (FLAG_DILL if chunk.args_dill else 0)
-    layout = b""
-    if chunk.shared is not None:
+    return encode_chunk_fields(chunk.chunk_id, chunk.func_id,
+                               chunk.func if include_function else None, chunk.args,
+                               chunk.star, chunk.args_dill, chunk.buffers, chunk.shared)
+
+
+def encode_chunk_fields(chunk_id: int, func_id: bytes, func: bytes | None, args: Buffer,
+                        star: bool, args_dill: bool, buffers: tuple[Buffer, ...] = (),
+                        shared: Shared | None = None) -> list[Buffer]:
+    """:func:`encode_chunk` from the fields of a :class:`Chunk` (``func``: ``None`` to leave
+    it out), for a sender that has them at hand: a small chunk's record is one buffer made
+    with one join."""
+    func = func or b""
+    if len(func_id) > 255:
+        raise ValueError(f"a function id has at most 255 bytes, not {len(func_id)}")
+    flags = (FLAG_STAR if star else 0) | (FLAG_DILL if args_dill else 0)
+    if not buffers and shared is None:
+        size = CHUNK_HEADER.size + len(func_id) + len(func) + len(args)
+        if len(args) < INLINE_LIMIT:
+            return [b"".join((CHUNK_HEAD.pack(size, flags, chunk_id, len(func_id), len(func)),
+                              func_id, func, args))]
+        layout = b""
+    elif shared is not None:
         if buffers:
             raise ValueError("a chunk's buffers are either in the record or shared, not both")
         flags |= FLAG_SHARED
-        layout = encode_shared(chunk.shared)
-    elif buffers:
+        layout = encode_shared(shared)
+    else:
         flags |= FLAG_BUFFERS
         layout = BUFFER_COUNT.pack(len(buffers)) + b"".join(
             BUFFER_LENGTH.pack(len(buffer)) for buffer in buffers
         )
-    size = (CHUNK_HEADER.size + len(chunk.func_id) + len(func) + len(layout) + len(chunk.args)
+    size = (CHUNK_HEADER.size + len(func_id) + len(func) + len(layout) + len(args)
             + sum(len(buffer) for buffer in buffers))
     if size > MAX_RECORD:
         raise ValueError(f"a chunk of {size} bytes is larger than a record may be ({MAX_RECORD})")
-    head = LENGTH.pack(size) + CHUNK_HEADER.pack(
-        flags, chunk.chunk_id, len(chunk.func_id), len(func)
-    )
-    if len(chunk.args) < INLINE_LIMIT:
-        parts: list[Buffer] = [b"".join((head, chunk.func_id, func, layout, chunk.args))]
+    head = CHUNK_HEAD.pack(size, flags, chunk_id, len(func_id), len(func))
+    if len(args) < INLINE_LIMIT:
+        parts: list[Buffer] = [b"".join((head, func_id, func, layout, args))]
     else:
-        parts = [b"".join((head, chunk.func_id, func, layout)), chunk.args]
+        parts = [b"".join((head, func_id, func, layout)), args]
     parts.extend(buffers)
     return parts
 
@@ -242,24 +263,27 @@ def decode_chunk(body: memoryview) -> Chunk:
     if len(body) < CHUNK_HEADER.size:
         raise RecordError(f"a chunk record of {len(body)} bytes is shorter than its header")
     flags, chunk_id, id_size, func_size = CHUNK_HEADER.unpack_from(body)
-    if flags & ~(FLAG_STAR | FLAG_DILL | FLAG_BUFFERS | FLAG_SHARED) or (
-            flags & FLAG_BUFFERS and flags & FLAG_SHARED):
-        raise RecordError(f"chunk {chunk_id}: unknown flags {flags:#x}")
     start = CHUNK_HEADER.size
     args_start = start + id_size + func_size
     if args_start > len(body):
         raise RecordError(f"chunk {chunk_id}: function of {func_size} bytes overruns its record")
     func_id = bytes(body[start : start + id_size])
     func = bytes(body[start + id_size : args_start]) if func_size else None
+    if not flags & ~(FLAG_STAR | FLAG_DILL):
+        return Chunk(chunk_id, func_id, func, body[args_start:], flags & FLAG_STAR != 0,
+                     flags & FLAG_DILL != 0, (), None, body, func_size != 0)
+    if flags & ~(FLAG_STAR | FLAG_DILL | FLAG_BUFFERS | FLAG_SHARED) or (
+            flags & FLAG_BUFFERS and flags & FLAG_SHARED):
+        raise RecordError(f"chunk {chunk_id}: unknown flags {flags:#x}")
     args = body[args_start:]
     buffers: tuple[memoryview, ...] = ()
     shared = None
     if flags & FLAG_BUFFERS:
         args, buffers = _split_buffers(chunk_id, args)
-    elif flags & FLAG_SHARED:
+    else:
         shared, args = _split_shared(f"chunk {chunk_id}", args)
-    return Chunk(chunk_id, func_id, func, args, bool(flags & FLAG_STAR),
-                 bool(flags & FLAG_DILL), buffers, shared)
+    return Chunk(chunk_id, func_id, func, args, flags & FLAG_STAR != 0, flags & FLAG_DILL != 0,
+                 buffers, shared, body, func_size != 0)
 
 
 def _split_shared(what: str, field: memoryview) -> tuple[Shared, memoryview]:
@@ -303,10 +327,8 @@ def encode_result(result: Result) -> list[Buffer]:
     size = RESULT_HEADER.size + len(payload)
     if size > MAX_RECORD:
         raise ValueError(f"a result of {size} bytes is larger than a record may be ({MAX_RECORD})")
-    head = LENGTH.pack(size) + RESULT_HEADER.pack(
-        result.chunk_id, result.status, flags, -1 if result.pid is None else result.pid,
-        result.seconds,
-    )
+    head = RESULT_HEAD.pack(size, result.chunk_id, result.status, flags,
+                            -1 if result.pid is None else result.pid, result.seconds)
     if len(payload) < INLINE_LIMIT:
         return [head + payload]
     return [head, payload]

@@ -201,6 +201,7 @@ class _Worker:
         # their sequence numbers (see bigpool._worker_main).
         self.inflight: collections.deque[tuple[Chunk, float, int]] = collections.deque()
         self.sent = 0  # the sequence number of the next chunk sent
+        self.outgoing: list[Buffer] = []  # records of chunks sent, not yet written
         # Revocation requests not answered yet, oldest first: each waits for its answer.
         self.revocations: collections.deque[asyncio.Future[list[Chunk]]] = collections.deque()
         # How many of those were not known to be quick when sent (nothing goes ahead of them).
@@ -224,12 +225,34 @@ class _Worker:
         frame = pickle.dumps(("init", initializer), protocol=5)
         self.transport.write(LENGTH.pack(len(frame)) + frame)
 
-    def send_chunk(self, chunk: Chunk, include_function: bool) -> None:
-        assert self.transport is not None
-        self.inflight.append((chunk, time.monotonic(), self.sent))
+    def send_chunk(self, chunk: Chunk, include_function: bool, now: float) -> None:
+        """Queue ``chunk``'s record for :meth:`flush` (its function's pickle included or not);
+        ``now``: ``time.monotonic()``."""
+        self.inflight.append((chunk, now, self.sent))
         self.sent += 1
-        for part in encode_chunk(chunk, include_function):
+        record = chunk.record
+        if record is not None and chunk.record_has_func == include_function:
+            self.outgoing.append(LENGTH.pack(len(record)))  # passed on as the driver sent it
+            self.outgoing.append(record)
+        else:
+            self.outgoing.extend(encode_chunk(chunk, include_function))
+
+    def flush(self) -> None:
+        """Write the records :meth:`send_chunk` queued: small ones in one system call."""
+        assert self.transport is not None
+        parts = self.outgoing
+        self.outgoing = []
+        small: list[Buffer] = []
+        for part in parts:
+            if len(part) < INLINE_LIMIT:
+                small.append(part)
+                continue
+            if small:
+                self.transport.write(b"".join(small))
+                small = []
             self.transport.write(part)
+        if small:
+            self.transport.write(b"".join(small))
 
     def request_revocation(self, seqs: list[int]) -> asyncio.Future[list[Chunk]]:
         """Ask the worker for the chunks numbered ``seqs`` back; the future gets those it
@@ -331,6 +354,7 @@ class _ResultProtocol(asyncio.Protocol):
                 service._on_ready(worker, body)
             elif kind == MSG_EXPVARS:
                 service._on_expvars(worker, body)
+        service._dispatch()  # once for the results of one read
         service._send_records()
 
     def eof_received(self) -> bool | None:
@@ -859,7 +883,6 @@ class PoolWorkerService:
         if (self.maxtasksperchild is not None and w.tasks_done >= self.maxtasksperchild
                 and not w.retiring):
             self._retire(w)
-        self._dispatch()
 
     def _emit(self, record: Buffer, *, send: bool = True) -> None:
         """Queue a result record; ``send`` writes it out now (else the caller will)."""
@@ -989,6 +1012,13 @@ class PoolWorkerService:
         if not queue or self._closed:
             return
         workers = [w for w in self._workers if w.ready.done() and not w.gone]
+        self._fill(workers, queue)
+        for w in workers:
+            if w.outgoing:
+                w.flush()
+
+    def _fill(self, workers: list[_Worker], queue: collections.deque[Chunk]) -> None:
+        now = time.monotonic()
         for w in workers:  # first every idle worker gets a chunk
             if not queue:
                 return
@@ -997,7 +1027,7 @@ class PoolWorkerService:
             if w.init_error is not None:
                 self._fail_init(w, queue.popleft())
             else:
-                self._send(w, queue.popleft())
+                self._send(w, queue.popleft(), now)
         if self.maxtasksperchild is not None:
             return  # a prefetched chunk could run past the limit
         for w in workers:  # then workers on tiny chunks get their next one ahead
@@ -1009,13 +1039,13 @@ class PoolWorkerService:
             # Only quick chunks go ahead, and only behind quick ones: a chunk sent ahead that
             # waits behind a long one is taken back only when the driver asks for it.
             while queue and 0 < len(w.inflight) < depth and not w.unquick and self._quick(queue[0]):
-                self._send(w, queue.popleft())
+                self._send(w, queue.popleft(), now)
 
     def _quick(self, chunk: Chunk) -> bool:
         seconds = self._func_seconds.get(chunk.func_id)
         return seconds is not None and seconds < PREFETCH_BELOW_SECONDS
 
-    def _send(self, w: _Worker, chunk: Chunk) -> None:
+    def _send(self, w: _Worker, chunk: Chunk, now: float) -> None:
         has_function = w.func_ids.touch(chunk.func_id) is not None
         if not has_function:
             if chunk.func is None:
@@ -1030,7 +1060,7 @@ class PoolWorkerService:
         if not self._quick(chunk):
             w.unquick += 1
             w.unquick_ids.add(chunk.chunk_id)
-        w.send_chunk(chunk, include_function=not has_function)
+        w.send_chunk(chunk, not has_function, now)
 
     def _fail_init(self, w: _Worker, chunk: Chunk) -> None:
         """``w``'s initializer failed: the chunk fails with that error; ``w`` is retired and a

@@ -172,3 +172,13 @@ def test_pieces_reader_reads_lines_and_runs() -> None:
     buffer = bytearray(5)
     assert reader.readinto(buffer) == 1 and buffer[:1] == b"f"
     assert reader.read() == b""
+
+
+def test_a_decoded_chunk_keeps_its_record_to_pass_on_as_it_came() -> None:
+    for chunk in _chunks():
+        for include_function in (True, False):
+            record = b"".join(bytes(p) for p in encode_chunk(chunk, include_function))
+            decoded = ChunkDecoder().feed(record)[0]
+            assert decoded.record is not None
+            assert struct.pack(">I", len(decoded.record)) + bytes(decoded.record) == record
+            assert decoded.record_has_func == (include_function and bool(chunk.func))
