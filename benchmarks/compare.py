@@ -12,8 +12,8 @@ order alternates between rounds), warms it up, and then runs one workload:
 
 CPU time is that of the driver and all its child processes, and is also shown split into the
 driver, the machine processes and the worker processes. A tree is a directory holding the
-``bigpool`` package (a git worktree, say: ``git worktree add /tmp/old HEAD~1``); it goes first
-on ``PYTHONPATH``, which the machines and workers inherit. The table shows the median over the
+``bigpool`` package (a git worktree, say: ``git worktree add /tmp/old HEAD~1``); each round runs
+in it, with it first on ``PYTHONPATH``, which the machines and workers inherit. The table shows the median over the
 rounds and every round's main figure.
 
 Why alternate fresh pools: on a shared virtual machine the speed of the host moves by a fifth
@@ -86,8 +86,10 @@ def one_round(tree: str, workload: str, n: int) -> list[float]:
     """The workload's figure, then CPU µs per task: all, driver, machines, workers."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, here]))
+    # In the tree's directory: a machine or worker process (``python -m ...``) puts its working
+    # directory first on its path, so from anywhere else it could import another checkout.
     out = subprocess.run([sys.executable, "-c", CHILD, workload, str(n), tree], env=env,
-                         capture_output=True, text=True, timeout=600, check=False)
+                         cwd=tree, capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
         raise SystemExit(f"the pool from {tree} failed:\n{out.stderr}")
     return [float(x) for x in out.stdout.split()[-5:]]
