@@ -197,6 +197,23 @@ def test_submit_stream_names_a_malformed_or_cut_record() -> None:
         assert ok_value(results.get(1)[6]) == [25]  # and the service goes on
 
 
+def test_records_reach_each_worker_with_the_function_it_lacks_and_only_then() -> None:
+    # The machine passes a record on as the driver sent it when it carries exactly what the
+    # worker needs, and encodes it again otherwise: with or without the function's pickle.
+    with pool("test", 2) as (m, results):
+        records = [
+            chunk(1, square, [(2,)]),  # to the first idle worker, which lacks it: as sent
+            chunk(2, square, [(3,)], send_func=False),  # the second worker lacks it: added
+            chunk(3, square, [(4,)]),  # sent again (say the driver forgot): both have it now
+            chunk(4, square, [(5,)], send_func=False),
+        ]
+        data = b"".join(bytes(p) for c in records for p in encode_chunk(c))
+        assert m.call(f"{SERVICE_NAME}.submit_stream", iter([data])) == 4
+        got = results.get(4)
+        assert {i: ok_value(got[i]) for i in got} == {1: [4], 2: [9], 3: [16], 4: [25]}
+        assert len({info["pid"] for _, _, info in got.values()}) == 2
+
+
 @pytest.mark.parametrize("system", ["test", "local"])
 def test_chunk_results_star_and_not(system: str) -> None:
     with pool(system) as (m, results):
