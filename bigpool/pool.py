@@ -75,7 +75,6 @@ from .pool_socket import TOKEN_BYTES, RecordChannel
 from .pool_socket import connect as connect_channel
 from .pool_wire import (
     DRIVER_FUNCTIONS,
-    INLINE_LIMIT,
     OUT_OF_BAND_FROM,
     Buffer,
     LRUTable,
@@ -84,6 +83,7 @@ from .pool_wire import (
     Result,
     ResultDecoder,
     encode_chunk_fields,
+    join_small,
     payload_bytes,
     raw_buffer,
 )
@@ -784,8 +784,7 @@ class _Feed:
     def _take_batch(self, limit: int) -> list[Buffer]:
         """The records of the chunks to send now (small ones joined), moved to in-flight."""
         scheduler = self.scheduler
-        out: list[Buffer] = []
-        small: list[Buffer] = []
+        parts: list[Buffer] = []
         count = 0
         now = time.monotonic()
         depth_of: tuple[bytes, int] = (b"", 0)  # the last function's depth (most batches have one)
@@ -836,19 +835,10 @@ class _Feed:
             if self.sent_functions.touch(fid) is None:
                 self.sent_functions.put(fid, True)
                 func = ref.func.data
-            for part in encode_chunk_fields(ref.chunk_id, fid, func, args, ref.star,
-                                            ref.args_dill, buffers, ref.shared):
-                if len(part) < INLINE_LIMIT:
-                    small.append(part)
-                    continue
-                if small:
-                    out.append(b"".join(small))
-                    small = []
-                out.append(part)
+            parts.extend(encode_chunk_fields(ref.chunk_id, fid, func, args, ref.star,
+                                             ref.args_dill, buffers, ref.shared))
             count += 1
-        if small:
-            out.append(b"".join(small))
-        return out
+        return join_small(parts)
 
     async def _read_loop(self, reader: StreamReader | RecordChannel) -> None:
         """Handle result records as their bytes arrive (in the connection's own callback: a

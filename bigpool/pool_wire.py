@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import pickle
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -72,6 +73,7 @@ __all__ = [
     "encode_chunk",
     "encode_chunk_fields",
     "encode_result",
+    "join_small",
     "payload_bytes",
     "raw_buffer",
 ]
@@ -256,6 +258,24 @@ def encode_chunk_fields(chunk_id: int, func_id: bytes, func: bytes | None, args:
         parts = [b"".join((head, func_id, func, layout)), args]
     parts.extend(buffers)
     return parts
+
+
+def join_small(parts: Iterable[Buffer]) -> list[Buffer]:
+    """``parts`` to write in order, each run of small ones (under :data:`INLINE_LIMIT`) joined
+    into one buffer and large ones left as they are (uncopied): one write per run."""
+    out: list[Buffer] = []
+    small: list[Buffer] = []
+    for part in parts:
+        if len(part) < INLINE_LIMIT:
+            small.append(part)
+            continue
+        if small:
+            out.append(small[0] if len(small) == 1 else b"".join(small))
+            small = []
+        out.append(part)
+    if small:
+        out.append(small[0] if len(small) == 1 else b"".join(small))
+    return out
 
 
 def decode_chunk(body: memoryview) -> Chunk:

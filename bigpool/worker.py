@@ -73,7 +73,6 @@ from .h2rpc import StreamReader, StreamWriter
 from .h2rpc.errors import decode_error, encode_error
 from .pool_socket import ChannelBrokenError, Listener, RecordChannel, listen_once
 from .pool_wire import (
-    INLINE_LIMIT,
     MACHINE_FUNCTIONS,
     WORKER_FUNCTIONS,
     Buffer,
@@ -84,6 +83,7 @@ from .pool_wire import (
     Result,
     encode_chunk,
     encode_result,
+    join_small,
     payload_bytes,
 )
 
@@ -240,19 +240,9 @@ class _Worker:
     def flush(self) -> None:
         """Write the records :meth:`send_chunk` queued: small ones in one system call."""
         assert self.transport is not None
-        parts = self.outgoing
-        self.outgoing = []
-        small: list[Buffer] = []
-        for part in parts:
-            if len(part) < INLINE_LIMIT:
-                small.append(part)
-                continue
-            if small:
-                self.transport.write(b"".join(small))
-                small = []
+        parts, self.outgoing = self.outgoing, []
+        for part in join_small(parts):
             self.transport.write(part)
-        if small:
-            self.transport.write(b"".join(small))
 
     def request_revocation(self, seqs: list[int]) -> asyncio.Future[list[Chunk]]:
         """Ask the worker for the chunks numbered ``seqs`` back; the future gets those it
@@ -671,17 +661,8 @@ class PoolWorkerService:
         records = self._records
         if not records or writer is None or writer.closed or writer.failed is not None:
             return
-        small: list[Buffer] = []
-        for record in records:
-            if len(record) < INLINE_LIMIT:
-                small.append(record)
-                continue
-            if small:
-                writer.write(small[0] if len(small) == 1 else b"".join(small))
-                small = []
-            writer.write(record)
-        if small:
-            writer.write(small[0] if len(small) == 1 else b"".join(small))
+        for part in join_small(records):
+            writer.write(part)
         records.clear()
         writer.flush()
 

@@ -22,6 +22,7 @@ from bigpool.pool_wire import (
     ResultDecoder,
     encode_chunk,
     encode_result,
+    join_small,
     payload_bytes,
 )
 
@@ -182,3 +183,12 @@ def test_a_decoded_chunk_keeps_its_record_to_pass_on_as_it_came() -> None:
             assert decoded.record is not None
             assert struct.pack(">I", len(decoded.record)) + bytes(decoded.record) == record
             assert decoded.record_has_func == (include_function and bool(chunk.func))
+
+
+def test_join_small_joins_each_run_of_small_parts_and_leaves_large_ones_uncopied() -> None:
+    big, other = bytes(INLINE_LIMIT), bytearray(INLINE_LIMIT + 1)
+    out = join_small([b"a", b"b", big, b"c", other, memoryview(b"d"), b"e"])
+    assert [bytes(x) for x in out] == [b"ab", big, b"c", bytes(other), b"de"]
+    assert out[1] is big and out[3] is other
+    only = b"x"
+    assert join_small([only])[0] is only and join_small([]) == []
