@@ -415,15 +415,16 @@ def serve(reader: IO[bytes], writer: IO[bytes], lock: threading.Lock, gate: Gate
         if len(prefix) < LENGTH.size:
             return
         (size,) = LENGTH.unpack(prefix)
-        body = read(size)
-        if len(body) < size:
+        # Into a bytearray, so out-of-band buffers (a numpy array's) unpickle writable.
+        body = _read_exactly(reader, size)
+        if body is None:
             return
         func: Any = None
         if size >= head_size:
             flags, chunk_id, id_size, func_size = CHUNK_HEADER.unpack_from(body)
             if not func_size and not flags & ~(FLAG_STAR | FLAG_DILL) and (
                     head_size + id_size <= size):
-                func = touch(body[head_size : head_size + id_size])
+                func = touch(bytes(body[head_size : head_size + id_size]))
         if func is not None:
             view = memoryview(body)
             args = view[head_size + id_size :]

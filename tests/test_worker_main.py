@@ -100,3 +100,32 @@ def test_revoked_chunks_are_skipped_but_keep_the_function_table_in_step() -> Non
 def test_a_stream_that_ends_inside_a_record_ends_the_loop() -> None:
     data = _records((Chunk(1, b"f", dill.dumps(double), pickle.dumps([1]), False, False), True))
     assert _serve(data + data[:-3]) == _serve(data)
+
+
+class Blob:
+    """Pickles its buffer out of band, as a numpy array does."""
+
+    def __init__(self, data: bytearray | memoryview) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        return Blob, (pickle.PickleBuffer(self.data),)
+
+
+def poke(blob: Blob) -> bytes:
+    view = memoryview(blob.data)
+    view[0] = ord("!")  # raises if the worker handed over a read-only buffer
+    return bytes(view)
+
+
+def test_out_of_band_buffers_arrive_writable() -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    args = pickle.dumps([Blob(bytearray(b"abc" * 30_000))], protocol=5,
+                        buffer_callback=buffers.append)
+    assert len(buffers) == 1
+    raw = bytes(buffers[0].raw())
+    data = _records((Chunk(1, b"p", dill.dumps(poke), args, False, False, (raw,)), True),
+                    (Chunk(2, b"p", None, args, False, False, (raw,)), False))
+    results = [r for _, _, r in _serve(data)]
+    expected = b"!" + raw[1:]
+    assert results == [(1, wm.OK, [expected]), (2, wm.OK, [expected])]
