@@ -999,6 +999,7 @@ class PoolWorkerService:
                 w.flush()
 
     def _fill(self, workers: list[_Worker], queue: collections.deque[Chunk]) -> None:
+        """Take chunks off ``queue`` for ``workers`` (their records wait in ``outgoing``)."""
         now = time.monotonic()
         for w in workers:  # first every idle worker gets a chunk
             if not queue:
