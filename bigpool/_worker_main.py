@@ -67,16 +67,12 @@ from bigpool.pool_wire import (
     CHUNK_HEADER,
     FLAG_DILL,
     FLAG_STAR,
-    INLINE_LIMIT,
     OUT_OF_BAND_FROM,
-    RESULT_HEAD,
-    RESULT_HEADER,
     WORKER_FUNCTIONS,
     LRUTable,
     OutOfBand,
-    Result,
     decode_chunk,
-    encode_result,
+    encode_result_fields,
     raw_buffer,
 )
 
@@ -245,14 +241,8 @@ def run_chunk(
                 status = ENCODE_ERROR
                 payload = pickle.dumps((_short_repr(exc), _short_repr(result)), protocol=5)
             del result
-    if pid is None:
-        pid = os.getpid()
-    seconds = time.perf_counter() - started
-    if result_shared is None and len(payload) < INLINE_LIMIT:  # one buffer, one pack
-        return [RESULT_HEAD.pack(RESULT_HEADER.size + len(payload), chunk_id, status,
-                                 FLAG_DILL if payload_dill else 0, pid, seconds) + payload], ntasks
-    record = Result(chunk_id, status, payload, pid, seconds, payload_dill, result_shared)
-    return encode_result(record), ntasks
+    return encode_result_fields(chunk_id, status, payload, os.getpid() if pid is None else pid,
+                                time.perf_counter() - started, payload_dill, result_shared), ntasks
 
 
 def _read_exactly(reader: IO[bytes], size: int) -> bytearray | None:
@@ -419,22 +409,22 @@ def serve(reader: IO[bytes], writer: IO[bytes], lock: threading.Lock, gate: Gate
         body = _read_exactly(reader, size)
         if body is None:
             return
+        view = memoryview(body)
         func: Any = None
         if size >= head_size:
             flags, chunk_id, id_size, func_size = CHUNK_HEADER.unpack_from(body)
             if not func_size and not flags & ~(FLAG_STAR | FLAG_DILL) and (
                     head_size + id_size <= size):
-                func = touch(bytes(body[head_size : head_size + id_size]))
+                func = touch(bytes(view[head_size : head_size + id_size]))
         if func is not None:
-            view = memoryview(body)
             args = view[head_size + id_size :]
             if not take():
                 continue
             record, ntasks = run_chunk(chunk_id, func, args, flags & FLAG_STAR != 0,
                                        flags & FLAG_DILL != 0, (), None, rings, pid)
-            del view, args
+            del args
         else:
-            chunk = decode_chunk(memoryview(body))
+            chunk = decode_chunk(view)
             # A revoked chunk still updates the function table, which the machine's mirrors.
             func = _load_function(chunk.func_id, chunk.func, cache)
             if not take():
@@ -443,7 +433,7 @@ def serve(reader: IO[bytes], writer: IO[bytes], lock: threading.Lock, gate: Gate
             record, ntasks = run_chunk(chunk.chunk_id, func, chunk.args, chunk.star,
                                        chunk.args_dill, chunk.buffers, chunk.shared, rings, pid)
             del chunk
-        del body, func
+        del view, body, func
         if expvar.version() != sent_expvars:
             with lock:
                 sent_expvars = _send_expvars(writer, sent_expvars)

@@ -73,6 +73,7 @@ __all__ = [
     "encode_chunk",
     "encode_chunk_fields",
     "encode_result",
+    "encode_result_fields",
     "join_small",
     "payload_bytes",
     "raw_buffer",
@@ -340,15 +341,23 @@ def _split_buffers(chunk_id: int, field: memoryview) -> tuple[memoryview, tuple[
 def encode_result(result: Result) -> list[Buffer]:
     """The buffers of ``result``'s record, to be written in order (a large payload uncopied)."""
     payload = bytes(result.payload) if isinstance(result.payload, Pieces) else result.payload
-    flags = FLAG_DILL if result.payload_dill else 0
-    if result.shared is not None:
+    return encode_result_fields(result.chunk_id, result.status, payload, result.pid,
+                                result.seconds, result.payload_dill, result.shared)
+
+
+def encode_result_fields(chunk_id: int, status: int, payload: Buffer, pid: int | None,
+                         seconds: float, payload_dill: bool,
+                         shared: Shared | None = None) -> list[Buffer]:
+    """:func:`encode_result` from the fields of a :class:`Result`, for a sender that has them
+    at hand (a worker, for every chunk it runs)."""
+    flags = FLAG_DILL if payload_dill else 0
+    if shared is not None:
         flags |= FLAG_SHARED
-        payload = encode_shared(result.shared) + payload
+        payload = encode_shared(shared) + payload
     size = RESULT_HEADER.size + len(payload)
     if size > MAX_RECORD:
         raise ValueError(f"a result of {size} bytes is larger than a record may be ({MAX_RECORD})")
-    head = RESULT_HEAD.pack(size, result.chunk_id, result.status, flags,
-                            -1 if result.pid is None else result.pid, result.seconds)
+    head = RESULT_HEAD.pack(size, chunk_id, status, flags, -1 if pid is None else pid, seconds)
     if len(payload) < INLINE_LIMIT:
         return [head + payload]
     return [head, payload]
